@@ -1,0 +1,5 @@
+"""python -m procident"""
+
+from procident.cli import main
+
+main()

@@ -1,0 +1,80 @@
+"""The one place where lookup, policy and error handling meet: Query -> Answer.
+
+Any surprise below this point is caught here, logged with its traceback, and
+answered UNKNOWN-ERROR; a failing lookup never stops the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import pwd
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from procident import policy
+from procident.config import ReplyConfig
+from procident.lookup import Backend, ConnectionId, Found, LookupFailed
+from procident.protocol import Query, Reply, format_reply
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What was decided for one query, and why."""
+
+    line: bytes  # the reply line as sent, CR LF included
+    reply: Reply
+    rule: str
+    found: Found | None = None
+    owner: policy.Owner | None = None
+
+
+def passwd_name(uid: int) -> str | None:
+    """The login name of `uid`, or None when passwd has no entry for it."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+class Responder:
+    """Answers queries from a lookup backend and the [reply] settings."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        config: ReplyConfig,
+        user_name: Callable[[int], str | None] = passwd_name,
+    ) -> None:
+        self.backend = backend
+        self.config = config
+        self.user_name = user_name
+
+    def respond(self, query: Query, conn: ConnectionId) -> Answer:
+        """Decide and format the reply to `query` about `conn`."""
+        found: Found | None = None
+        owner: policy.Owner | None = None
+        try:
+            found = self.backend.find(conn)
+            if found is not None and found.entry.owned:
+                uid = found.entry.uid
+                owner = policy.Owner(uid, self.user_name(uid))
+            decision = policy.decide(found, owner, self.config)
+            reply = policy.mask(decision.reply, self.config)
+            line = format_reply(query.server_port, query.client_port, reply)
+            return Answer(line, reply, decision.rule, found, owner)
+        except LookupFailed as err:
+            log.error("lookup of %s failed: %s", _describe(conn), err)
+            rule = "lookup-failed"
+        except Exception:
+            log.exception("unexpected error answering %s", _describe(conn))
+            rule = "internal-error"
+        reply = policy.UNKNOWN_ERROR
+        return Answer(
+            format_reply(query.server_port, query.client_port, reply), reply, rule, found, owner
+        )
+
+
+def _describe(conn: ConnectionId) -> str:
+    return f"{conn.local} <-> {conn.remote}"

@@ -1,0 +1,499 @@
+"""The selectors loop: listeners, sessions, timeouts, limits, signals.
+
+Single-threaded. Each selector key's data is the callback for its file, so the
+loop body never grows. Every per-connection resource is bounded: input (one
+line plus one recv), parsed-but-unanswered queries (one recv's worth), output
+(MAX_OUTPUT, after which the client is no longer read), lifetime (the idle
+timeout, restarted only by a reply) and the number of connections.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import ipaddress
+import logging
+import selectors
+import signal
+import socket
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from types import FrameType
+
+from procident.config import Config, ConfigError
+from procident.lookup import ConnectionId, Endpoint, IPAddress, endpoint_from_sockaddr
+from procident.protocol import (
+    ErrorReply,
+    ErrorType,
+    Event,
+    InvalidPort,
+    Malformed,
+    Overlong,
+    Query,
+    QueryReader,
+    format_reply,
+)
+from procident.responder import Answer, Responder
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 4096
+MAX_OUTPUT = 4096  # pending reply bytes past which a client is no longer read
+LISTEN_BACKLOG = 128
+ACCEPT_BATCH = 64  # connections taken per readable listener, so no listener starves the rest
+ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE and the like
+REFUSAL_LOG_INTERVAL = 10.0
+MALFORMED_REPLY = format_reply(0, 0, ErrorReply(ErrorType.INVALID_PORT))
+# accept() errors that mean "out of a resource": retrying at once would spin.
+_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# accept() errors about one connection that went away before we took it.
+_ABORTED = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
+
+
+class ListenError(Exception):
+    """A listen address that cannot be bound."""
+
+
+def open_listeners(endpoints: tuple[Endpoint, ...]) -> list[socket.socket]:
+    """Bind and listen on every endpoint; a wildcard IPv6 address on a host without IPv6 is
+    skipped with a warning, any other failure is a ListenError."""
+    listeners: list[socket.socket] = []
+    try:
+        for endpoint in endpoints:
+            sock = _listen(endpoint)
+            if sock is not None:
+                listeners.append(sock)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    if not listeners:
+        raise ListenError("no listen address could be bound")
+    return listeners
+
+
+def _listen(endpoint: Endpoint) -> socket.socket | None:
+    family = socket.AF_INET6 if endpoint.address.version == 6 else socket.AF_INET
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as err:
+        if family == socket.AF_INET6 and err.errno == errno.EAFNOSUPPORT:
+            log.warning("not listening on %s: this host has no IPv6", endpoint)
+            return None
+        raise ListenError(f"cannot listen on {endpoint}: {err.strerror}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # Set explicitly: the system default varies, and an IPv4 listener
+            # on the same port must not collide with this one.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((str(endpoint.address), endpoint.port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as err:
+        sock.close()
+        if (
+            family == socket.AF_INET6
+            and endpoint.address.is_unspecified
+            and err.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+        ):
+            log.warning("not listening on %s: IPv6 is disabled on this host", endpoint)
+            return None
+        raise ListenError(f"cannot listen on {endpoint}: {err.strerror}") from None
+    return sock
+
+
+def client_key(address: IPAddress) -> IPAddress | ipaddress.IPv6Network:
+    """What counts as one client for the per-client cap: an IPv4 address, or an IPv6 /64
+    (one host commonly holds a whole /64, so counting addresses would cap nothing)."""
+    if address.version == 6:
+        return ipaddress.IPv6Network((int(address) >> 64 << 64, 64))
+    return address
+
+
+class Session:
+    """One ident client connection."""
+
+    __slots__ = (
+        "sock",
+        "peer",
+        "local",
+        "key",
+        "reader",
+        "pending",
+        "output",
+        "deadline",
+        "queries",
+        "closing",
+        "eof",
+        "events",
+    )
+
+    def __init__(self, sock: socket.socket, peer: Endpoint, local: IPAddress, deadline: float):
+        self.sock = sock
+        self.peer = peer
+        self.local = local  # the address the client reached us on (RFC 1413 §3)
+        self.key = client_key(peer.address)
+        self.reader = QueryReader()
+        self.pending: deque[Event] = deque()  # parsed, not yet answered
+        self.output = bytearray()  # replies the kernel has not taken yet
+        self.deadline = deadline
+        self.queries = 0
+        self.closing = False  # close once the output is sent
+        self.eof = False  # the client will send nothing more
+        self.events = 0  # the selector events registered
+
+
+class Server:
+    """Serves ident queries on the given listening sockets until stopped."""
+
+    def __init__(
+        self,
+        config: Config,
+        responder: Responder,
+        listeners: list[socket.socket],
+        reload: Callable[[], Config] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.responder = responder
+        self.listeners = listeners
+        self.reload = reload
+        self.clock = clock
+        self.selector = selectors.DefaultSelector()
+        # Sessions in order of deadline: one idle timeout for all, and a deadline
+        # that only moves forward, so moving a session to the end keeps the order.
+        self.sessions: OrderedDict[Session, None] = OrderedDict()
+        self.per_client: dict[object, int] = {}
+        self.resume_accepting_at: float | None = None
+        self.refusals = 0
+        self.refusal_logged_at = float("-inf")
+        self.running = False
+        self.signals: list[int] = []
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        for sock in (self._wakeup_r, self._wakeup_w):
+            sock.setblocking(False)
+        self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._drain_wakeup)
+        self._listen()
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until SIGTERM or SIGINT (or stop()); SIGHUP reloads the configuration."""
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in handled}
+        previous_fd = signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
+        self.running = True
+        log.info(
+            "serving on %s",
+            ", ".join(str(endpoint_from_sockaddr(s.getsockname())) for s in self.listeners),
+        )
+        try:
+            while self.running:
+                for key, mask in self.selector.select(self._timeout()):
+                    key.data(mask)
+                self._handle_signals()
+                self._tick(self.clock())
+        finally:
+            signal.set_wakeup_fd(previous_fd)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.close()
+
+    def stop(self) -> None:
+        """Make run() return after the current iteration."""
+        self.running = False
+
+    def close(self) -> None:
+        """Close every session and listener."""
+        for session in list(self.sessions):
+            self._close(session)
+        for sock in self.listeners:
+            if self.resume_accepting_at is None:
+                self.selector.unregister(sock)
+            sock.close()
+        self.listeners = []
+        self.selector.close()
+        self._wakeup_r.close()
+        self._wakeup_w.close()
+
+    def _timeout(self) -> float | None:
+        deadlines = []
+        if self.sessions:
+            deadlines.append(next(iter(self.sessions)).deadline)
+        if self.resume_accepting_at is not None:
+            deadlines.append(self.resume_accepting_at)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - self.clock())
+
+    def _tick(self, now: float) -> None:
+        while self.sessions:
+            session = next(iter(self.sessions))
+            if session.deadline > now:
+                break
+            log.debug("closing %s: idle for %ds", session.peer, self.config.limits.idle_timeout)
+            self._close(session)
+        if self.resume_accepting_at is not None and now >= self.resume_accepting_at:
+            self.resume_accepting_at = None
+            self._listen()
+
+    # -- signals --------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signals.append(signum)
+
+    def _drain_wakeup(self, mask: int) -> None:
+        try:
+            while self._wakeup_r.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum == signal.SIGHUP:
+                self._reload()
+            else:
+                log.info("stopping on %s", signal.Signals(signum).name)
+                self.running = False
+
+    def _reload(self) -> None:
+        if self.reload is None:
+            log.info("SIGHUP: nothing to reload")
+            return
+        try:
+            config = self.reload()
+        except ConfigError as err:
+            log.error("reload failed, keeping the current configuration: %s", err)
+            return
+        self.apply(config)
+        log.info("configuration reloaded")
+
+    def apply(self, config: Config) -> None:
+        """Serve with a new configuration; [server] changes wait for a restart."""
+        if config.server != self.config.server:
+            log.warning("[server] settings (listen, user, group) take effect at the next start")
+        self.config = config
+        self.responder.config = config.reply
+        # Deadlines set under another idle timeout may now be out of order.
+        for session in sorted(self.sessions, key=lambda s: s.deadline):
+            self.sessions.move_to_end(session)
+
+    # -- accepting ------------------------------------------------------------
+
+    def _listen(self) -> None:
+        for sock in self.listeners:
+            self.selector.register(
+                sock, selectors.EVENT_READ, functools.partial(self._accept, sock)
+            )
+
+    def _accept(self, listener: socket.socket, mask: int) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as err:
+                if err.errno in _ABORTED:
+                    continue
+                if err.errno in _EXHAUSTED:
+                    self._pause_accepting(err)
+                    return
+                raise
+            self._admit(sock, address)
+
+    def _pause_accepting(self, err: OSError) -> None:
+        # Out of file descriptors or memory: the pending connection stays in the
+        # backlog and the listener stays readable, so retrying now would spin.
+        log.warning("cannot accept: %s; not accepting for %.0fs", err.strerror, ACCEPT_PAUSE)
+        for sock in self.listeners:
+            self.selector.unregister(sock)
+        self.resume_accepting_at = self.clock() + ACCEPT_PAUSE
+
+    def _admit(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        try:
+            peer = endpoint_from_sockaddr(address)
+            local = endpoint_from_sockaddr(sock.getsockname()).address
+        except OSError:  # reset before we looked
+            sock.close()
+            return
+        limits = self.config.limits
+        key = client_key(peer.address)
+        if len(self.sessions) >= limits.max_connections:
+            self._refuse(sock, peer, "max_connections")
+            return
+        if self.per_client.get(key, 0) >= limits.per_client_connections:
+            self._refuse(sock, peer, "per_client_connections")
+            return
+        sock.setblocking(False)
+        session = Session(sock, peer, local, self.clock() + limits.idle_timeout)
+        self.sessions[session] = None
+        self.per_client[key] = self.per_client.get(key, 0) + 1
+        session.events = selectors.EVENT_READ
+        self.selector.register(sock, session.events, functools.partial(self._on_event, session))
+
+    def _refuse(self, sock: socket.socket, peer: Endpoint, limit: str) -> None:
+        sock.close()
+        # A flood must not flood the log too: one line per interval, with a count.
+        self.refusals += 1
+        now = self.clock()
+        if now - self.refusal_logged_at >= REFUSAL_LOG_INTERVAL:
+            log.warning(
+                "refused %d connection(s) over limits.%s (latest from %s)",
+                self.refusals,
+                limit,
+                peer.address,
+            )
+            self.refusals = 0
+            self.refusal_logged_at = now
+
+    # -- sessions -------------------------------------------------------------
+
+    def _on_event(self, session: Session, mask: int) -> None:
+        try:
+            if mask & selectors.EVENT_WRITE:
+                self._send(session)
+            if mask & selectors.EVENT_READ and session.sock.fileno() >= 0:
+                self._receive(session)
+            if session.sock.fileno() >= 0:
+                self._advance(session)
+        except Exception:
+            # A bug must cost one connection, never the daemon.
+            log.exception("unexpected error serving %s; closing it", session.peer)
+            self._close(session)
+
+    def _receive(self, session: Session) -> None:
+        try:
+            data = session.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(session)
+            return
+        if not data:
+            session.eof = True  # half-closed: answer what came, then close
+            return
+        session.pending.extend(session.reader.feed(data))
+
+    def _advance(self, session: Session) -> None:
+        """Answer queued queries while the client keeps up, then set what to wait for."""
+        while session.pending and not session.closing and len(session.output) < MAX_OUTPUT:
+            self._answer(session, session.pending.popleft())
+        if session.closing:
+            session.pending.clear()
+        if session.sock.fileno() < 0:
+            return
+        wants_read = not (session.closing or session.eof or session.pending)
+        wants_read = wants_read and len(session.output) < MAX_OUTPUT
+        events = (selectors.EVENT_READ if wants_read else 0) | (
+            selectors.EVENT_WRITE if session.output else 0
+        )
+        if not events:
+            self._close(session)  # nothing more to read or send
+        elif events != session.events:
+            session.events = events
+            self.selector.modify(session.sock, events, functools.partial(self._on_event, session))
+
+    def _answer(self, session: Session, event: Event) -> None:
+        if isinstance(event, Overlong):
+            log.info("closing %s: line longer than the limit", session.peer)
+            session.closing = True
+            return
+        if isinstance(event, Malformed):
+            log.info("answer client=%s query=malformed reply=INVALID-PORT", session.peer.address)
+            self._queue(session, MALFORMED_REPLY)
+            session.closing = True
+            return
+        if isinstance(event, InvalidPort):
+            line = format_reply(
+                event.server_port, event.client_port, ErrorReply(ErrorType.INVALID_PORT)
+            )
+            self._log_answer(session, event, line, "port-range")
+        else:
+            answer = self._respond(session, event)
+            line = answer.line
+            self._log_answer(session, event, line, answer.rule, answer)
+        self._queue(session, line)
+        session.queries += 1
+        if session.queries >= self.config.limits.max_queries_per_connection:
+            session.closing = True
+
+    def _respond(self, session: Session, query: Query) -> Answer:
+        conn = ConnectionId(
+            local=Endpoint(session.local, query.server_port),
+            remote=Endpoint(session.peer.address, query.client_port),
+        )
+        return self.responder.respond(query, conn)
+
+    def _queue(self, session: Session, line: bytes) -> None:
+        # The idle timer restarts after each reply (PROTOCOL.md).
+        session.deadline = self.clock() + self.config.limits.idle_timeout
+        self.sessions.move_to_end(session)
+        if session.output:
+            session.output += line
+            return
+        # One send per reply line: libident fails on replies that come in pieces.
+        try:
+            sent = session.sock.send(line)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            session.closing = True
+            return
+        session.output += line[sent:]
+
+    def _send(self, session: Session) -> None:
+        try:
+            sent = session.sock.send(session.output)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # reset by the client
+            session.output.clear()
+            session.closing = True
+            return
+        del session.output[:sent]
+
+    def _close(self, session: Session) -> None:
+        if session not in self.sessions:
+            return
+        del self.sessions[session]
+        count = self.per_client[session.key] - 1
+        if count:
+            self.per_client[session.key] = count
+        else:
+            del self.per_client[session.key]
+        self.selector.unregister(session.sock)
+        session.sock.close()
+
+    def _log_answer(
+        self,
+        session: Session,
+        query: Query | InvalidPort,
+        line: bytes,
+        rule: str,
+        answer: Answer | None = None,
+    ) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        reply = line.split(b":", 1)[1].rstrip(b"\r\n").decode("utf-8", "backslashreplace")
+        log.info(
+            "answer client=%s query=%d,%d owner=%s reply=%s rule=%s",
+            session.peer.address,
+            query.server_port,
+            query.client_port,
+            describe_owner(answer),
+            reply,
+            rule,
+        )
+
+
+def describe_owner(answer: Answer | None) -> str:
+    """The real owner of the connection, for the log: name(uid), or why there is none."""
+    if answer is None or answer.found is None:
+        return "-"
+    if answer.owner is None:
+        return "-(no process)"
+    return f"{answer.owner.name or '?'}(uid={answer.owner.uid})"
