@@ -1,0 +1,103 @@
+"""The responder: lookup, policy, validation and the one choke point for surprises."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+import pytest
+from conftest import DictBackend
+
+from procident.config import ReplyConfig
+from procident.lookup import ConnectionId, Endpoint, Found, LookupFailed, SocketEntry, TcpState
+from procident.protocol import Query
+from procident.responder import Responder, passwd_name
+
+LOCAL = Endpoint(ipaddress.IPv6Address("2001:db8::1"), 40001)
+REMOTE = Endpoint(ipaddress.IPv6Address("2001:db8::7"), 6667)
+CONN = ConnectionId(LOCAL, REMOTE)
+QUERY = Query(40001, 6667)
+NAMES = {1000: "alice", 1001: "bob\nmallory"}
+
+
+def entry(uid: int, inode: int = 4242) -> SocketEntry:
+    return SocketEntry(LOCAL, REMOTE, TcpState.ESTABLISHED, uid, inode)
+
+
+def responder(table, config=ReplyConfig(), listening=frozenset()) -> Responder:
+    return Responder(DictBackend(table, listening), config, NAMES.get)
+
+
+def test_answers_with_login_name() -> None:
+    """A live socket is answered with its owner's name, and the answer keeps the evidence."""
+    answer = responder({CONN: entry(1000)}).respond(QUERY, CONN)
+    assert answer.line == b"40001,6667:USERID:UNIX:alice\r\n"
+    assert answer.owner is not None and answer.owner.uid == 1000 and answer.rule == "owner"
+
+
+def test_no_connection() -> None:
+    """An absent connection is NO-USER."""
+    assert responder({}).respond(QUERY, CONN).line == b"40001,6667:ERROR:NO-USER\r\n"
+
+
+def test_uid_zero_inode_zero_is_never_root() -> None:
+    """A socket nobody holds (uid 0, inode 0) is NO-USER, never root."""
+    answer = Responder(DictBackend({CONN: entry(0, inode=0)}), ReplyConfig(), passwd_name).respond(QUERY, CONN)
+    assert answer.line == b"40001,6667:ERROR:NO-USER\r\n" and answer.owner is None
+
+
+def test_unknown_uid_numeric() -> None:
+    """A uid without a passwd entry is sent as a number with OS OTHER."""
+    answer = responder({CONN: entry(3_000_000_000)}).respond(QUERY, CONN)
+    assert answer.line == b"40001,6667:USERID:OTHER:3000000000\r\n"
+
+
+def test_mask_errors() -> None:
+    """With mask_errors, NO-USER goes out as UNKNOWN-ERROR."""
+    answer = responder({}, ReplyConfig(mask_errors=True)).respond(QUERY, CONN)
+    assert answer.line == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n"
+
+
+def test_inbound_hidden() -> None:
+    """A connection to a listening port is HIDDEN-USER by default."""
+    answer = responder({CONN: entry(1000)}, listening=frozenset({40001})).respond(QUERY, CONN)
+    assert answer.line == b"40001,6667:ERROR:HIDDEN-USER\r\n" and answer.rule == "reply.inbound"
+
+
+class FailingBackend:
+    name = "failing"
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def find(self, conn: ConnectionId) -> Found | None:
+        raise self.error
+
+
+def test_lookup_failure_is_unknown_error(caplog: pytest.LogCaptureFixture) -> None:
+    """A lookup that could not look is UNKNOWN-ERROR, and its cause is logged."""
+    answer = Responder(FailingBackend(LookupFailed("table gone")), ReplyConfig()).respond(QUERY, CONN)
+    assert answer.line == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n" and answer.rule == "lookup-failed"
+    assert "table gone" in caplog.text
+
+
+def test_unexpected_exception_is_logged_with_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """Any surprise becomes UNKNOWN-ERROR and a logged traceback, not a crash."""
+    with caplog.at_level(logging.ERROR):
+        answer = Responder(FailingBackend(RuntimeError("boom")), ReplyConfig()).respond(QUERY, CONN)
+    assert answer.line == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n" and answer.rule == "internal-error"
+    (record,) = caplog.records
+    assert record.exc_info is not None and "RuntimeError: boom" in caplog.text
+
+
+def test_invalid_user_id_never_reaches_the_wire(caplog: pytest.LogCaptureFixture) -> None:
+    """A name with LF is caught by the validator: UNKNOWN-ERROR, not an injected line."""
+    answer = responder({CONN: entry(1001)}).respond(QUERY, CONN)
+    assert answer.line == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n"
+    assert b"mallory" not in answer.line and "contains LF" in caplog.text
+
+
+def test_passwd_name() -> None:
+    """Names come from passwd; a uid without an entry has none."""
+    assert passwd_name(0) == "root"
+    assert passwd_name(3_000_000_000) is None
