@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 RECV_SIZE = 4096
 MAX_OUTPUT = 4096  # pending reply bytes past which a client is no longer read
+# The kernel's send buffer per connection: replies are at most ~600 bytes, and
+# a fixed size keeps autotuning from parking megabytes for a client that never
+# reads (on loopback it grows with the 64 KiB MSS).
+SEND_BUFFER = 16384
 LISTEN_BACKLOG = 128
 ACCEPT_BATCH = 64  # connections taken per readable listener, so no listener starves the rest
 ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE and the like
@@ -329,6 +333,7 @@ class Server:
             self._refuse(sock, peer, "per_client_connections")
             return
         sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         session = Session(sock, peer, local, self.clock() + limits.idle_timeout)
         self.sessions[session] = None
         self.per_client[key] = self.per_client.get(key, 0) + 1

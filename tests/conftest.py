@@ -17,3 +17,44 @@ class DictBackend:
     def find(self, conn: ConnectionId) -> Found | None:
         entry = self.table.get(conn)
         return None if entry is None else Found(entry, entry.local.port in self.listening)
+
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A scratch directory the daemon can still read after dropping root to nobody
+    (pytest's tmp_path lies under a directory only root may enter)."""
+    path = Path(tempfile.mkdtemp(prefix="procident-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def start_daemon(workdir: Path):
+    """Start procident serve processes; every one is stopped (by its pid) at the end."""
+    from harness import Daemon
+
+    daemons: list[Daemon] = []
+
+    def start(config: str = "", listen=("127.0.0.1:0", "[::1]:0"), **kwargs) -> Daemon:
+        daemon = Daemon(workdir, config, tuple(listen), **kwargs)
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        daemon.stop()
+
+
+requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: setuid() and privilege drop")
