@@ -6,6 +6,7 @@ never a traceback.
 
 from __future__ import annotations
 
+import errno
 import logging
 import logging.handlers
 import os
@@ -69,6 +70,13 @@ def main() -> None:
 # -- serve ------------------------------------------------------------------
 
 
+def config_file(path: str | None) -> str | None:
+    """The file to read: the one given, else /etc/procident.toml if it exists, else none."""
+    if path:
+        return path
+    return DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None
+
+
 def config_loader(
     path: str | None, listen: tuple[Endpoint, ...], level: str | None, target: str | None
 ) -> Callable[[], Config]:
@@ -76,7 +84,7 @@ def config_loader(
     default), then the command line's overrides. Called at start and on every SIGHUP."""
 
     def load() -> Config:
-        chosen = path or (DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None)
+        chosen = config_file(path)
         config = load_config(chosen) if chosen else Config()
         if listen:
             config = with_listen(config, listen)
@@ -90,6 +98,7 @@ def setup_logging(config: LogConfig) -> logging.Handler:
     handler: logging.Handler
     if config.target == "syslog":
         try:
+            _probe_syslog(config.syslog_socket)
             handler = logging.handlers.SysLogHandler(
                 address=config.syslog_socket,
                 facility=logging.handlers.SysLogHandler.facility_names[config.syslog_facility],
@@ -109,6 +118,19 @@ def setup_logging(config: LogConfig) -> logging.Handler:
     log.setLevel(config.level.upper())
     log.propagate = False
     return handler
+
+
+def _probe_syslog(path: str) -> None:
+    """Fail now if nothing listens at `path`: SysLogHandler itself would silently drop
+    every line (as openlog() does), and an admin who asked for syslog would see nothing."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            try:
+                probe.connect(path)
+                return
+            except OSError as err:
+                if err.errno != errno.EPROTOTYPE:  # a stream socket: try that
+                    raise
 
 
 @main.command()
@@ -148,6 +170,7 @@ def serve(
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
     setup_logging(config.log)
+    log.info("configuration: %s", config_file(config_path) or "built-in defaults")
     try:
         listeners = open_listeners(config.server.listen)
     except ListenError as err:

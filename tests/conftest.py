@@ -10,7 +10,9 @@ class DictBackend:
 
     name = "dict"
 
-    def __init__(self, table: dict[ConnectionId, SocketEntry], listening: frozenset[int] = frozenset()):
+    def __init__(
+        self, table: dict[ConnectionId, SocketEntry], listening: frozenset[int] = frozenset()
+    ):
         self.table = table
         self.listening = listening  # local ports that have a listening socket
 
@@ -57,4 +59,18 @@ def start_daemon(workdir: Path):
         daemon.stop()
 
 
-requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: setuid() and privilege drop")
+requires_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root: setuid() and privilege drop"
+)
+
+
+@pytest.fixture(autouse=True)
+def _restore_procident_logger() -> Iterator[None]:
+    """The CLI configures the 'procident' logger (handlers, level, propagate) as a program
+    should; put it back after each test so caplog in later tests still sees records."""
+    import logging
+
+    logger = logging.getLogger("procident")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved

@@ -40,7 +40,9 @@ def wait_for(predicate, timeout: float, interval: float = 0.02):
 class Daemon:
     """A procident serve process with its log file and listening addresses."""
 
-    def __init__(self, workdir: Path, config: str, listen: tuple[str, ...], extra_args=(), preexec_fn=None):
+    def __init__(
+        self, workdir: Path, config: str, listen: tuple[str, ...], extra_args=(), preexec_fn=None
+    ):
         self.workdir = workdir
         self.config_path = workdir / "procident.toml"
         self.config_path.write_text(config)
@@ -147,7 +149,11 @@ class OwnedConnection:
 
 @contextlib.contextmanager
 def owned_connection(
-    uid: int, service: tuple[str, int], source: str, family: int = socket.AF_INET, close_first: bool = False
+    uid: int,
+    service: tuple[str, int],
+    source: str,
+    family: int = socket.AF_INET,
+    close_first: bool = False,
 ) -> Iterator[OwnedConnection]:
     """Connect from `source` to `service` in a child that is `uid`; the parent accepts.
 
@@ -218,3 +224,9 @@ def receive_queue(local_port: int, remote_port: int) -> int | None:
         if int(fields[1][-4:], 16) == local_port and int(fields[2][-4:], 16) == remote_port:
             return int(fields[4].split(":")[1], 16)
     return None
+
+
+def cpu_ticks(pid: int) -> int:
+    """User plus system CPU time of a process, in clock ticks (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of the line

@@ -53,7 +53,11 @@ def test_values_are_read(tmp_path: Path) -> None:
     assert (config.server.user, config.server.group) == ("daemon", "adm")
     assert (config.limits.idle_timeout, config.limits.max_connections) == (5, 3)
     assert config.limits.per_client_connections == Config().limits.per_client_connections
-    assert (config.reply.os, config.reply.charset, config.reply.mask_errors) == ("LINUX", "UTF-8", True)
+    assert (config.reply.os, config.reply.charset, config.reply.mask_errors) == (
+        "LINUX",
+        "UTF-8",
+        True,
+    )
     assert (config.reply.unknown_uid, config.reply.inbound) == ("no-user", "answer")
     assert (config.log.level, config.log.target) == ("debug", "syslog")
 
@@ -67,15 +71,24 @@ def test_values_are_read(tmp_path: Path) -> None:
         ({"server": 5}, "server: must be a table"),
         ({"server": {"listen": []}}, "server.listen: must be a non-empty list"),
         ({"server": {"listen": "0.0.0.0:113"}}, "server.listen: must be a non-empty list"),
-        ({"server": {"listen": ["x:113"]}}, "server.listen[0]: 'x' in 'x:113' is not an IP address"),
+        (
+            {"server": {"listen": ["x:113"]}},
+            "server.listen[0]: 'x' in 'x:113' is not an IP address",
+        ),
         ({"server": {"listen": ["::1:113"]}}, "server.listen[0]: '::1:113' is not ADDRESS:PORT"),
         ({"server": {"listen": ["1.2.3.4:70000"]}}, "server.listen[0]: '70000'"),
-        ({"server": {"listen": ["1.2.3.4:113", "1.2.3.4:113"]}}, "server.listen[1]: '1.2.3.4:113' is listed twice"),
+        (
+            {"server": {"listen": ["1.2.3.4:113", "1.2.3.4:113"]}},
+            "server.listen[1]: '1.2.3.4:113' is listed twice",
+        ),
         ({"server": {"listen": [113]}}, "server.listen[0]: must be a string"),
         ({"server": {"user": ""}}, "server.user: must be a user or group name"),
         ({"server": {"user": 0}}, "server.user: must be a user or group name"),
         ({"server": {"keep_root": "yes"}}, "server.keep_root: must be true or false"),
-        ({"limits": {"idle_timeout": 0}}, "limits.idle_timeout: must be a whole number from 1 to 3600"),
+        (
+            {"limits": {"idle_timeout": 0}},
+            "limits.idle_timeout: must be a whole number from 1 to 3600",
+        ),
         ({"limits": {"idle_timeout": 1.5}}, "limits.idle_timeout: must be a whole number"),
         ({"limits": {"max_connections": True}}, "limits.max_connections: must be a whole number"),
         ({"limits": {"per_client_connections": -1}}, "limits.per_client_connections: must be"),
@@ -84,8 +97,14 @@ def test_values_are_read(tmp_path: Path) -> None:
         ({"reply": {"os": ""}}, "reply.os: the OS token '' is not"),
         ({"reply": {"other_os": "A:B"}}, "reply.other_os: the OS token 'A:B'"),
         ({"reply": {"charset": "UTF,8"}}, "reply.charset: the charset 'UTF,8'"),
-        ({"reply": {"unknown_uid": "hide"}}, "reply.unknown_uid: must be one of 'numeric', 'no-user'"),
-        ({"reply": {"inbound": "yes"}}, "reply.inbound: must be one of 'hide', 'no-user', 'answer'"),
+        (
+            {"reply": {"unknown_uid": "hide"}},
+            "reply.unknown_uid: must be one of 'numeric', 'no-user'",
+        ),
+        (
+            {"reply": {"inbound": "yes"}},
+            "reply.inbound: must be one of 'hide', 'no-user', 'answer'",
+        ),
         ({"reply": {"mask_errors": 1}}, "reply.mask_errors: must be true or false"),
         ({"log": {"level": "loud"}}, "log.level: must be one of"),
         ({"log": {"target": "file"}}, "log.target: must be one of 'stderr', 'syslog'"),
@@ -130,7 +149,17 @@ def test_parse_endpoint(text: str, address: str, port: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "113", "localhost:113", "[127.0.0.1]:113", "[::1]113", "::1:113", "1.2.3.4:+5", "1.2.3.4:\u0665"]
+    "text",
+    [
+        "",
+        "113",
+        "localhost:113",
+        "[127.0.0.1]:113",
+        "[::1]113",
+        "::1:113",
+        "1.2.3.4:+5",
+        "1.2.3.4:\u0665",
+    ],
 )
 def test_parse_endpoint_refuses(text: str) -> None:
     """Host names, unbracketed IPv6, and odd ports are refused."""

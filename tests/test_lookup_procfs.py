@@ -113,7 +113,9 @@ def test_ipv4_peer_on_dual_stack_socket() -> None:
     assert found is not None and found.entry.uid == 2 and found.entry.source == "/proc/net/tcp6"
 
 
-@pytest.mark.parametrize(("port", "state"), [(40005, TcpState.FIN_WAIT2), (40006, TcpState.TIME_WAIT)])
+@pytest.mark.parametrize(
+    ("port", "state"), [(40005, TcpState.FIN_WAIT2), (40006, TcpState.TIME_WAIT)]
+)
 def test_closed_sockets_have_no_owner(port: int, state: TcpState) -> None:
     """Sockets their owner closed are listed with uid 0 and inode 0: found, but not owned."""
     found = find(f"127.0.0.1:{port}", "127.0.0.1:6667")

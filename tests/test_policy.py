@@ -24,30 +24,93 @@ UNKNOWN = ErrorReply(ErrorType.UNKNOWN_ERROR)
 CASES = [
     ("no connection", None, None, DEFAULT, NO_USER, "no-connection"),
     ("closed socket", Found(ORPHAN, False), None, DEFAULT, NO_USER, "no-owner"),
-    ("owner", Found(ENTRY, False), Owner(1000, "alice"), DEFAULT, UserIdReply("alice", "UNIX"), "owner"),
-    ("root is named only when root holds it", Found(ENTRY, False), Owner(0, "root"), DEFAULT,
-     UserIdReply("root", "UNIX"), "owner"),
-    ("os token", Found(ENTRY, False), Owner(1000, "alice"), replace(DEFAULT, os="LINUX"),
-     UserIdReply("alice", "LINUX"), "owner"),
-    ("charset", Found(ENTRY, False), Owner(1000, "alice"), replace(DEFAULT, charset="UTF-8"),
-     UserIdReply("alice", "UNIX", "UTF-8"), "owner"),
-    ("unknown uid numeric", Found(ENTRY, False), Owner(3_000_000_000, None), DEFAULT,
-     UserIdReply("3000000000", "OTHER"), "reply.unknown_uid"),
-    ("unknown uid other_os", Found(ENTRY, False), Owner(77, None), replace(DEFAULT, other_os="X-UID"),
-     UserIdReply("77", "X-UID"), "reply.unknown_uid"),
-    ("unknown uid no-user", Found(ENTRY, False), Owner(77, None), replace(DEFAULT, unknown_uid="no-user"),
-     NO_USER, "reply.unknown_uid"),
-    ("inbound hidden by default", Found(ENTRY, True), Owner(1000, "alice"), DEFAULT, HIDDEN, "reply.inbound"),
-    ("inbound no-user", Found(ENTRY, True), Owner(1000, "alice"), replace(DEFAULT, inbound="no-user"),
-     NO_USER, "reply.inbound"),
-    ("inbound answered", Found(ENTRY, True), Owner(1000, "alice"), replace(DEFAULT, inbound="answer"),
-     UserIdReply("alice", "UNIX"), "owner"),
+    (
+        "owner",
+        Found(ENTRY, False),
+        Owner(1000, "alice"),
+        DEFAULT,
+        UserIdReply("alice", "UNIX"),
+        "owner",
+    ),
+    (
+        "root is named only when root holds it",
+        Found(ENTRY, False),
+        Owner(0, "root"),
+        DEFAULT,
+        UserIdReply("root", "UNIX"),
+        "owner",
+    ),
+    (
+        "os token",
+        Found(ENTRY, False),
+        Owner(1000, "alice"),
+        replace(DEFAULT, os="LINUX"),
+        UserIdReply("alice", "LINUX"),
+        "owner",
+    ),
+    (
+        "charset",
+        Found(ENTRY, False),
+        Owner(1000, "alice"),
+        replace(DEFAULT, charset="UTF-8"),
+        UserIdReply("alice", "UNIX", "UTF-8"),
+        "owner",
+    ),
+    (
+        "unknown uid numeric",
+        Found(ENTRY, False),
+        Owner(3_000_000_000, None),
+        DEFAULT,
+        UserIdReply("3000000000", "OTHER"),
+        "reply.unknown_uid",
+    ),
+    (
+        "unknown uid other_os",
+        Found(ENTRY, False),
+        Owner(77, None),
+        replace(DEFAULT, other_os="X-UID"),
+        UserIdReply("77", "X-UID"),
+        "reply.unknown_uid",
+    ),
+    (
+        "unknown uid no-user",
+        Found(ENTRY, False),
+        Owner(77, None),
+        replace(DEFAULT, unknown_uid="no-user"),
+        NO_USER,
+        "reply.unknown_uid",
+    ),
+    (
+        "inbound hidden by default",
+        Found(ENTRY, True),
+        Owner(1000, "alice"),
+        DEFAULT,
+        HIDDEN,
+        "reply.inbound",
+    ),
+    (
+        "inbound no-user",
+        Found(ENTRY, True),
+        Owner(1000, "alice"),
+        replace(DEFAULT, inbound="no-user"),
+        NO_USER,
+        "reply.inbound",
+    ),
+    (
+        "inbound answered",
+        Found(ENTRY, True),
+        Owner(1000, "alice"),
+        replace(DEFAULT, inbound="answer"),
+        UserIdReply("alice", "UNIX"),
+        "owner",
+    ),
     ("inbound closed socket", Found(ORPHAN, True), None, DEFAULT, NO_USER, "no-owner"),
 ]
 
 
-@pytest.mark.parametrize(("found", "owner", "config", "reply", "rule"), [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("found", "owner", "config", "reply", "rule"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_decide(found, owner, config, reply, rule) -> None:
     """Each lookup outcome gets the reply PROTOCOL.md names, and the rule that chose it."""
     decision = decide(found, owner, config)

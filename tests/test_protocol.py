@@ -119,7 +119,12 @@ def test_reader_keeps_at_most_one_line() -> None:
 WRITE_TABLE: list[tuple[int, int, object, bytes]] = [
     (6193, 23, UserIdReply("alice", "UNIX"), b"6193,23:USERID:UNIX:alice\r\n"),
     (6193, 23, UserIdReply("3000000000", "OTHER"), b"6193,23:USERID:OTHER:3000000000\r\n"),
-    (6193, 23, UserIdReply("j\u00fcrgen", "UNIX", "UTF-8"), "6193,23:USERID:UNIX,UTF-8:j\u00fcrgen\r\n".encode()),
+    (
+        6193,
+        23,
+        UserIdReply("j\u00fcrgen", "UNIX", "UTF-8"),
+        "6193,23:USERID:UNIX,UTF-8:j\u00fcrgen\r\n".encode(),
+    ),
     (6193, 23, UserIdReply(" a b ", "UNIX"), b"6193,23:USERID:UNIX: a b \r\n"),
     (6193, 23, UserIdReply("x" * 512, "UNIX"), b"6193,23:USERID:UNIX:" + b"x" * 512 + b"\r\n"),
     (6193, 23, ErrorReply(ErrorType.NO_USER), b"6193,23:ERROR:NO-USER\r\n"),
@@ -140,7 +145,11 @@ def test_format_table(server_port: int, client_port: int, reply, line: bytes) ->
 def test_parse_reply_reads_what_format_writes(server_port, client_port, reply, line) -> None:
     """The client-side parser gives back exactly the reply that was formatted."""
     parsed = parse_reply(line[:-2])
-    assert (parsed.server_port, parsed.client_port, parsed.reply) == (server_port, client_port, reply)
+    assert (parsed.server_port, parsed.client_port, parsed.reply) == (
+        server_port,
+        client_port,
+        reply,
+    )
 
 
 @pytest.mark.parametrize(
@@ -183,7 +192,9 @@ def test_parse_reply_liberal(line: bytes, expected: object) -> None:
     assert parse_reply(line).reply == expected
 
 
-@pytest.mark.parametrize("line", [b"", b"garbage", b"1,2:USERID:UNIX", b"1,2:WHAT:x", b"1:ERROR:NO-USER"])
+@pytest.mark.parametrize(
+    "line", [b"", b"garbage", b"1,2:USERID:UNIX", b"1,2:WHAT:x", b"1:ERROR:NO-USER"]
+)
 def test_parse_reply_rejects_malformed(line: bytes) -> None:
     """A reply that is not RFC 1413 is an error, not a guess."""
     with pytest.raises(ValueError):

@@ -24,8 +24,8 @@ def entry(uid: int, inode: int = 4242) -> SocketEntry:
     return SocketEntry(LOCAL, REMOTE, TcpState.ESTABLISHED, uid, inode)
 
 
-def responder(table, config=ReplyConfig(), listening=frozenset()) -> Responder:
-    return Responder(DictBackend(table, listening), config, NAMES.get)
+def responder(table, config: ReplyConfig | None = None, listening=frozenset()) -> Responder:
+    return Responder(DictBackend(table, listening), config or ReplyConfig(), NAMES.get)
 
 
 def test_answers_with_login_name() -> None:
@@ -42,7 +42,9 @@ def test_no_connection() -> None:
 
 def test_uid_zero_inode_zero_is_never_root() -> None:
     """A socket nobody holds (uid 0, inode 0) is NO-USER, never root."""
-    answer = Responder(DictBackend({CONN: entry(0, inode=0)}), ReplyConfig(), passwd_name).respond(QUERY, CONN)
+    answer = Responder(DictBackend({CONN: entry(0, inode=0)}), ReplyConfig(), passwd_name).respond(
+        QUERY, CONN
+    )
     assert answer.line == b"40001,6667:ERROR:NO-USER\r\n" and answer.owner is None
 
 
@@ -76,7 +78,9 @@ class FailingBackend:
 
 def test_lookup_failure_is_unknown_error(caplog: pytest.LogCaptureFixture) -> None:
     """A lookup that could not look is UNKNOWN-ERROR, and its cause is logged."""
-    answer = Responder(FailingBackend(LookupFailed("table gone")), ReplyConfig()).respond(QUERY, CONN)
+    answer = Responder(FailingBackend(LookupFailed("table gone")), ReplyConfig()).respond(
+        QUERY, CONN
+    )
     assert answer.line == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n" and answer.rule == "lookup-failed"
     assert "table gone" in caplog.text
 
