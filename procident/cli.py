@@ -191,6 +191,12 @@ def serve(
     def reload() -> Config:
         new = load()
         log.setLevel(new.log.level.upper())
+        if (new.log.target, new.log.syslog_socket, new.log.syslog_facility) != (
+            config.log.target,
+            config.log.syslog_socket,
+            config.log.syslog_facility,
+        ):
+            log.warning("log.target and the syslog settings take effect at the next start")
         return new
 
     server = Server(config, Responder(ProcfsBackend(), config.reply), listeners, reload)

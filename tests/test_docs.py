@@ -1,0 +1,71 @@
+"""The documentation cannot drift from the code: man pages lint clean and cover every
+config key and command-line option; the README's test command is the one CI runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import click
+import pytest
+
+from procident.cli import main
+from procident.config import Config
+
+ROOT = Path(__file__).parent.parent
+MAN8 = (ROOT / "man" / "procident.8").read_text()
+MAN5 = (ROOT / "man" / "procident.toml.5").read_text()
+
+
+def test_man_pages_lint_clean() -> None:
+    """mandoc -Tlint finds nothing at warning level or above."""
+    if shutil.which("mandoc") is None:
+        if os.environ.get("CI"):
+            pytest.fail("mandoc is not installed; .ci/run should install it")
+        pytest.skip("mandoc is not installed")
+    result = subprocess.run(
+        ["mandoc", "-Tlint", "-W", "warning", "man/procident.8", "man/procident.toml.5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_every_config_key_documented() -> None:
+    """Each [section] and key of the configuration has its entry in procident.toml(5)."""
+    config = Config()
+    for section in config.__dataclass_fields__:
+        assert f".Ss \\&[{section}\\&]" in MAN5, section
+        body = MAN5.split(f".Ss \\&[{section}\\&]", 1)[1].split(".Ss ", 1)[0]
+        for key in getattr(config, section).__dataclass_fields__:
+            assert re.search(rf"^\.It Ic {key} No \(", body, re.M), f"{section}.{key}"
+
+
+def test_every_cli_option_documented() -> None:
+    """Each command and each of its options appears in procident(8)."""
+    assert isinstance(main, click.Group)
+    for name, command in main.commands.items():
+        assert re.search(rf"^\.Cm {name}\b", MAN8, re.M), name
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                for option in param.opts:
+                    # an entry of its own (not just the synopsis): ".It Fl -daemon", or
+                    # ".It Fl l , -listen Ar ..." beside its short form
+                    if option.startswith("--"):
+                        pattern = rf"^\.It Fl [^\n]*?(?<![\w-])-{option[2:]}\b"
+                    else:
+                        pattern = rf"^\.It Fl {option[1:]}\b"
+                    assert re.search(pattern, MAN8, re.M), f"{name} {option}"
+    assert re.search(r"^\.It Fl V , -version$", MAN8, re.M)
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    """The README's test command is, to the byte, the one .ci/run runs."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = ci.split("# test-command (keep identical to the README)\n", 1)[1].strip()
+    readme = (ROOT / "README.md").read_text()
+    assert f"\n{command}\n" in readme
