@@ -195,15 +195,23 @@ class Server:
         )
         try:
             while self.running:
-                for key, mask in self.selector.select(self._timeout()):
-                    key.data(mask)
-                self._handle_signals()
-                self._tick(self.clock())
+                self.step()
         finally:
             signal.set_wakeup_fd(previous_fd)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self.close()
+
+    def step(self, timeout: float | None = None) -> None:
+        """One turn of the loop: wait for events (at most `timeout` seconds, or until the
+        next deadline), handle them, then signals and deadlines."""
+        wait = self._timeout()
+        if timeout is not None:
+            wait = timeout if wait is None else min(wait, timeout)
+        for key, mask in self.selector.select(wait):
+            key.data(mask)
+        self._handle_signals()
+        self._tick(self.clock())
 
     def stop(self) -> None:
         """Make run() return after the current iteration."""
@@ -280,11 +288,18 @@ class Server:
         """Serve with a new configuration; [server] changes wait for a restart."""
         if config.server != self.config.server:
             log.warning("[server] settings (listen, user, group) take effect at the next start")
+        shorter = config.limits.idle_timeout < self.config.limits.idle_timeout
         self.config = config
         self.responder.config = config.reply
-        # Deadlines set under another idle timeout may now be out of order.
-        for session in sorted(self.sessions, key=lambda s: s.deadline):
-            self.sessions.move_to_end(session)
+        if shorter:
+            # The new timeout applies to open connections too. Capping their
+            # deadlines at now + timeout also keeps self.sessions in deadline
+            # order: every deadline set from now on is at least that.
+            cap = self.clock() + config.limits.idle_timeout
+            for session in self.sessions:
+                session.deadline = min(session.deadline, cap)
+            for session in sorted(self.sessions, key=lambda s: s.deadline):
+                self.sessions.move_to_end(session)
 
     # -- accepting ------------------------------------------------------------
 
@@ -303,16 +318,16 @@ class Server:
             except OSError as err:
                 if err.errno in _ABORTED:
                     continue
-                if err.errno in _EXHAUSTED:
-                    self._pause_accepting(err)
-                    return
-                raise
+                # Out of file descriptors or memory, or stranger: the pending
+                # connection stays in the backlog and the listener readable, so
+                # retrying now would spin.
+                self._pause_accepting(err)
+                return
             self._admit(sock, address)
 
     def _pause_accepting(self, err: OSError) -> None:
-        # Out of file descriptors or memory: the pending connection stays in the
-        # backlog and the listener stays readable, so retrying now would spin.
-        log.warning("cannot accept: %s; not accepting for %.0fs", err.strerror, ACCEPT_PAUSE)
+        level = logging.WARNING if err.errno in _EXHAUSTED else logging.ERROR
+        log.log(level, "cannot accept: %s; not accepting for %.0fs", err.strerror, ACCEPT_PAUSE)
         for sock in self.listeners:
             self.selector.unregister(sock)
         self.resume_accepting_at = self.clock() + ACCEPT_PAUSE
@@ -321,6 +336,8 @@ class Server:
         try:
             peer = endpoint_from_sockaddr(address)
             local = endpoint_from_sockaddr(sock.getsockname()).address
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         except OSError:  # reset before we looked
             sock.close()
             return
@@ -332,8 +349,6 @@ class Server:
         if self.per_client.get(key, 0) >= limits.per_client_connections:
             self._refuse(sock, peer, "per_client_connections")
             return
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         session = Session(sock, peer, local, self.clock() + limits.idle_timeout)
         self.sessions[session] = None
         self.per_client[key] = self.per_client.get(key, 0) + 1

@@ -1,0 +1,216 @@
+"""The selectors loop in-process, driven step by step with a fake clock.
+
+These pin what the end-to-end tests can only observe from outside: the exact
+output bound, deadline order across reloads, and the loop's guard.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import selectors
+import socket
+from dataclasses import replace
+
+import pytest
+from conftest import DictBackend
+
+from procident.config import Config, LimitsConfig
+from procident.lookup import ConnectionId, Endpoint
+from procident.protocol import Query
+from procident.responder import Answer, Responder
+from procident.server import MAX_OUTPUT, ListenError, Server, client_key, open_listeners
+
+LOCALHOST = Endpoint(ipaddress.IPv4Address("127.0.0.1"), 0)
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_server(limits: LimitsConfig | None = None, responder=None) -> tuple[Server, Clock]:
+    config = replace(Config(), limits=limits or LimitsConfig())
+    clock = Clock()
+    responder = responder or Responder(DictBackend({}), config.reply)
+    return Server(config, responder, open_listeners((LOCALHOST,)), clock=clock), clock
+
+
+def pump(server: Server, turns: int = 20) -> None:
+    for _ in range(turns):
+        server.step(timeout=0.01)
+
+
+def connect(server: Server, rcvbuf: int | None = None) -> socket.socket:
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(server.listeners[0].getsockname())
+    sock.setblocking(False)
+    return sock
+
+
+def received(sock: socket.socket) -> bytes | None:
+    """What has arrived so far; None once the server has closed the connection."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except BlockingIOError:
+            return data
+        except ConnectionResetError:
+            return None
+        if not chunk:
+            return data or None
+        data += chunk
+
+
+@pytest.fixture
+def server_factory():
+    servers: list[Server] = []
+
+    def factory(**kwargs):
+        server, clock = make_server(**kwargs)
+        servers.append(server)
+        return server, clock
+
+    yield factory
+    for server in servers:
+        server.close()
+
+
+def test_output_bound_stops_reading_then_resumes(server_factory) -> None:
+    """A client that does not read has at most MAX_OUTPUT (+ one reply) pending and is not
+    read; once it reads, the rest is answered in order, exactly once each."""
+    server, _ = server_factory(limits=LimitsConfig(max_queries_per_connection=10000))
+    client = connect(server, rcvbuf=4096)
+    count = 3000
+    client.setblocking(True)
+    client.sendall(b"".join(b"0,%d\r\n" % (i + 1) for i in range(count)))
+    client.setblocking(False)
+    pump(server, 50)
+    (session,) = server.sessions
+    assert MAX_OUTPUT <= len(session.output) < MAX_OUTPUT + 64
+    assert not session.events & selectors.EVENT_READ and session.events & selectors.EVENT_WRITE
+    answered_so_far = session.queries
+    assert answered_so_far < count
+    data = b""
+    for _ in range(2000):
+        pump(server, 2)
+        data += received(client) or b""
+        if data.count(b"\n") == count:
+            break
+    assert data == b"".join(b"0,%d:ERROR:INVALID-PORT\r\n" % (i + 1) for i in range(count))
+
+
+def test_idle_deadline_and_restart(server_factory) -> None:
+    """Connections close at the idle timeout; a reply restarts the timer."""
+    server, clock = server_factory(limits=LimitsConfig(idle_timeout=60))
+    quiet, busy = connect(server), connect(server)
+    pump(server)
+    clock.now += 50
+    busy.send(b"0,1\r\n")
+    pump(server)
+    assert received(busy) == b"0,1:ERROR:INVALID-PORT\r\n"
+    clock.now += 15  # 65 s after connecting, 15 s after busy's reply
+    pump(server)
+    assert received(quiet) is None
+    assert received(busy) == b"" and len(server.sessions) == 1
+
+
+def test_reload_with_shorter_timeout_keeps_deadlines_in_order(server_factory) -> None:
+    """After a reload shortens the idle timeout, old and new connections both close on time."""
+    server, clock = server_factory(limits=LimitsConfig(idle_timeout=60))
+    old = connect(server)
+    pump(server)
+    server.apply(replace(server.config, limits=LimitsConfig(idle_timeout=10)))
+    clock.now += 1
+    new = connect(server)
+    pump(server)
+    clock.now += 10.5  # new: 10.5 s old, past 10; old: capped at reload + 10
+    pump(server)
+    assert received(new) is None and received(old) is None
+    assert not server.sessions
+
+
+def test_reload_with_longer_timeout_applies_to_later_replies(server_factory) -> None:
+    """A longer idle timeout counts from the next reply; open deadlines are not extended."""
+    server, clock = server_factory(limits=LimitsConfig(idle_timeout=10))
+    first = connect(server)
+    pump(server)
+    server.apply(replace(server.config, limits=LimitsConfig(idle_timeout=100)))
+    second = connect(server)
+    pump(server)
+    clock.now += 11
+    pump(server)
+    assert received(first) is None and received(second) == b""
+
+
+class ExplodingResponder:
+    """A responder with a bug: it raises for server port 666."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.inner = Responder(DictBackend({}), config)
+
+    def respond(self, query: Query, conn: ConnectionId) -> Answer:
+        if query.server_port == 666:
+            raise RuntimeError("bug")
+        return self.inner.respond(query, conn)
+
+
+def test_a_bug_costs_one_connection_not_the_loop(server_factory, caplog) -> None:
+    """An exception escaping the responder closes that connection, is logged with its
+    traceback, and the loop serves the next client."""
+    server, _ = server_factory(responder=ExplodingResponder(Config().reply))
+    victim = connect(server)
+    victim.send(b"666,1\r\n")
+    with caplog.at_level(logging.ERROR, logger="procident"):
+        pump(server)
+    assert received(victim) is None
+    assert "unexpected error serving" in caplog.text and "RuntimeError: bug" in caplog.text
+    survivor = connect(server)
+    survivor.send(b"1,1\r\n")
+    pump(server)
+    assert received(survivor) == b"1,1:ERROR:NO-USER\r\n"
+
+
+def test_partial_line_at_half_close_gets_no_reply(server_factory) -> None:
+    """A client that half-closes after an incomplete line gets the close, no reply."""
+    server, _ = server_factory()
+    client = connect(server)
+    client.send(b"1,1\r\n2,2")
+    client.shutdown(socket.SHUT_WR)
+    pump(server)
+    assert received(client) == b"1,1:ERROR:NO-USER\r\n"
+    pump(server)
+    assert not server.sessions
+
+
+def test_ipv6_listener_is_v6only() -> None:
+    """IPv6 listeners are IPv6-only, set explicitly, so an IPv4 one can share the port."""
+    (listener,) = open_listeners((Endpoint(ipaddress.IPv6Address("::1"), 0),))
+    with listener:
+        assert listener.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+
+
+def test_listen_error_names_address() -> None:
+    """An address that is not on this host is a ListenError naming it and the reason."""
+    with pytest.raises(
+        ListenError, match=r"cannot listen on 192\.0\.2\.1:0: Cannot assign requested address"
+    ):
+        open_listeners((Endpoint(ipaddress.IPv4Address("192.0.2.1"), 0),))
+
+
+def test_client_key_counts_ipv6_per_64() -> None:
+    """One IPv4 address is one client; for IPv6, one /64 is."""
+    a, b = ipaddress.IPv6Address("2001:db8:0:1::1"), ipaddress.IPv6Address("2001:db8:0:1:ffff::2")
+    assert client_key(a) == client_key(b) != client_key(ipaddress.IPv6Address("2001:db8:0:2::1"))
+    assert client_key(ipaddress.IPv4Address("192.0.2.1")) != client_key(
+        ipaddress.IPv4Address("192.0.2.2")
+    )
