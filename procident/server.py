@@ -166,8 +166,9 @@ class Server:
         self.reload = reload
         self.clock = clock
         self.selector = selectors.DefaultSelector()
-        # Sessions in order of deadline: one idle timeout for all, and a deadline
-        # that only moves forward, so moving a session to the end keeps the order.
+        # Sessions in order of deadline, so expiry looks only at the first: one
+        # idle timeout for all and deadlines that only move forward keep the
+        # order when a session moves to the end (apply() keeps it on reload).
         self.sessions: OrderedDict[Session, None] = OrderedDict()
         self.per_client: dict[object, int] = {}
         self.resume_accepting_at: float | None = None
@@ -310,6 +311,8 @@ class Server:
             )
 
     def _accept(self, listener: socket.socket, mask: int) -> None:
+        if self.resume_accepting_at is not None:
+            return  # paused by another listener earlier in this same turn
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, address = listener.accept()
@@ -376,9 +379,9 @@ class Server:
         try:
             if mask & selectors.EVENT_WRITE:
                 self._send(session)
-            if mask & selectors.EVENT_READ and session.sock.fileno() >= 0:
+            if mask & selectors.EVENT_READ and session in self.sessions:
                 self._receive(session)
-            if session.sock.fileno() >= 0:
+            if session in self.sessions:
                 self._advance(session)
         except Exception:
             # A bug must cost one connection, never the daemon.
@@ -404,7 +407,7 @@ class Server:
             self._answer(session, session.pending.popleft())
         if session.closing:
             session.pending.clear()
-        if session.sock.fileno() < 0:
+        if session not in self.sessions:
             return
         wants_read = not (session.closing or session.eof or session.pending)
         wants_read = wants_read and len(session.output) < MAX_OUTPUT

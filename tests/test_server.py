@@ -34,11 +34,13 @@ class Clock:
         return self.now
 
 
-def make_server(limits: LimitsConfig | None = None, responder=None) -> tuple[Server, Clock]:
+def make_server(
+    limits: LimitsConfig | None = None, responder=None, listen=(LOCALHOST,)
+) -> tuple[Server, Clock]:
     config = replace(Config(), limits=limits or LimitsConfig())
     clock = Clock()
     responder = responder or Responder(DictBackend({}), config.reply)
-    return Server(config, responder, open_listeners((LOCALHOST,)), clock=clock), clock
+    return Server(config, responder, open_listeners(listen), clock=clock), clock
 
 
 def pump(server: Server, turns: int = 20) -> None:
@@ -214,3 +216,30 @@ def test_client_key_counts_ipv6_per_64() -> None:
     assert client_key(ipaddress.IPv4Address("192.0.2.1")) != client_key(
         ipaddress.IPv4Address("192.0.2.2")
     )
+
+
+def test_fd_exhaustion_on_two_listeners_at_once(server_factory, caplog) -> None:
+    """When accept() hits EMFILE on every listener in the same turn, the loop pauses once,
+    survives, and accepts again after the pause."""
+    import os
+    import resource
+
+    second = Endpoint(ipaddress.IPv4Address("127.0.0.2"), 0)
+    server, clock = server_factory(listen=(LOCALHOST, second))
+    clients = [socket.create_connection(s.getsockname()) for s in server.listeners]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.dup(0)  # the limit caps fd numbers: no new fd below the lowest free one
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    try:
+        with caplog.at_level(logging.WARNING, logger="procident"):
+            server.step(timeout=1)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert caplog.text.count("cannot accept: Too many open files") == 1
+    assert not server.sessions and server.resume_accepting_at is not None
+    clock.now += 1
+    pump(server)
+    assert len(server.sessions) == 2
+    for client in clients:
+        client.close()
