@@ -93,7 +93,7 @@ def config_loader(
     return load
 
 
-def setup_logging(config: LogConfig) -> logging.Handler:
+def setup_logging(config: LogConfig) -> None:
     """Send procident's log to stderr or syslog at the configured level."""
     handler: logging.Handler
     if config.target == "syslog":
@@ -117,7 +117,6 @@ def setup_logging(config: LogConfig) -> logging.Handler:
     log.addHandler(handler)
     log.setLevel(config.level.upper())
     log.propagate = False
-    return handler
 
 
 def _probe_syslog(path: str) -> None:

@@ -19,6 +19,7 @@ import socket
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import replace
 from types import FrameType
 
 from procident.config import Config, ConfigError
@@ -289,6 +290,8 @@ class Server:
         """Serve with a new configuration; [server] changes wait for a restart."""
         if config.server != self.config.server:
             log.warning("[server] settings (listen, user, group) take effect at the next start")
+            # Keep describing what runs, so the next reload warns again.
+            config = replace(config, server=self.config.server)
         shorter = config.limits.idle_timeout < self.config.limits.idle_timeout
         self.config = config
         self.responder.config = config.reply

@@ -366,6 +366,8 @@ def test_reload_of_server_section_waits_for_restart(start_daemon) -> None:
     daemon = start_daemon()
     daemon.reload('[server]\nuser = "daemon"\n')
     daemon.wait_log(r"\[server\] settings .* take effect at the next start")
+    daemon.reload('[server]\nuser = "daemon"\n')  # still not applied: still said
+    wait_for(lambda: daemon.log().count("take effect at the next start") == 2, IO_TIMEOUT)
     assert daemon.ask(b"1,1\r\n") == b"1,1:ERROR:NO-USER\r\n"
     assert set(proc_status(daemon.pid)["Uid"].split()) == {"65534"}
 

@@ -166,6 +166,14 @@ def test_backend_reads_files(tmp_path: Path) -> None:
     assert found is not None and found.entry.uid == 1
 
 
+def test_ipv6_lookup_needs_no_ipv4_table(tmp_path: Path) -> None:
+    """An IPv6 connection is looked up in tcp6 alone: tcp is not even opened."""
+    (tmp_path / "tcp6").write_text(TCP6)
+    backend = ProcfsBackend(str(tmp_path), str(tmp_path / "tcp6"))  # a directory: unreadable
+    found = backend.find(conn("[::1]:40003", "[::1]:6697"))
+    assert found is not None and found.entry.uid == 1
+
+
 def test_backend_failures_are_lookup_failed(tmp_path: Path) -> None:
     """A missing or unreadable table is 'could not look', not 'not found'."""
     with pytest.raises(LookupFailed, match="does not exist"):

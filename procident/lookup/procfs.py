@@ -126,8 +126,10 @@ class ProcfsBackend:
 
     def find(self, conn: ConnectionId) -> Found | None:
         """Look `conn` up in the kernel's tables."""
-        tcp4 = _read(self.tcp4_path, required=conn.local.address.version == 4)
-        tcp6 = _read(self.tcp6_path, required=conn.local.address.version == 6)
+        ipv4 = conn.local.address.version == 4
+        # An IPv6 connection can only be in tcp6; an IPv4 one in either.
+        tcp4 = _read(self.tcp4_path, required=True) if ipv4 else ""
+        tcp6 = _read(self.tcp6_path, required=not ipv4)
         try:
             return find_in_tables(conn, tcp4, tcp6)
         except ValueError as err:
