@@ -28,8 +28,14 @@ from procident.config import (
     with_listen,
     with_log,
 )
-from procident.lookup import ConnectionId, Endpoint, normalize_address
-from procident.lookup.procfs import ProcfsBackend
+from procident.lookup import (
+    Backend,
+    ConnectionId,
+    Endpoint,
+    LookupFailed,
+    normalize_address,
+    select_backend,
+)
 from procident.process import (
     PrivilegeError,
     daemonize,
@@ -119,6 +125,13 @@ def setup_logging(config: LogConfig) -> None:
     log.propagate = False
 
 
+def _backend(name: str) -> Backend:
+    try:
+        return select_backend(name)
+    except LookupFailed as err:
+        raise click.ClickException(str(err)) from None
+
+
 def _probe_syslog(path: str) -> None:
     """Fail now if nothing listens at `path`: SysLogHandler itself would silently drop
     every line (as openlog() does), and an admin who asked for syslog would see nothing."""
@@ -170,6 +183,8 @@ def serve(
         raise click.ClickException(str(err)) from None
     setup_logging(config.log)
     log.info("configuration: %s", config_file(config_path) or "built-in defaults")
+    backend = _backend(config.lookup.backend)
+    log.info("lookup backend: %s", backend.name)
     try:
         listeners = open_listeners(config.server.listen)
     except ListenError as err:
@@ -198,7 +213,7 @@ def serve(
             log.warning("log.target and the syslog settings take effect at the next start")
         return new
 
-    server = Server(config, Responder(ProcfsBackend(), config.reply), listeners, reload)
+    server = Server(config, Responder(backend, config.reply), listeners, reload)
     if ready is not None:
         ready()
     try:
@@ -247,7 +262,7 @@ def lookup(local: Endpoint, remote: Endpoint, config_path: str | None) -> None:
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
     setup_logging(LogConfig(level="warning"))
-    answer = Responder(ProcfsBackend(), config.reply).respond(
+    answer = Responder(_backend(config.lookup.backend), config.reply).respond(
         Query(local.port, remote.port), ConnectionId(local, remote)
     )
     found = answer.found

@@ -67,6 +67,13 @@ class ReplyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LookupConfig:
+    """[lookup]: how the kernel is asked."""
+
+    backend: str = "auto"  # or "netlink", "procfs"
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     """[log]: where log lines go."""
 
@@ -83,6 +90,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     reply: ReplyConfig = field(default_factory=ReplyConfig)
+    lookup: LookupConfig = field(default_factory=LookupConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -90,6 +98,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_TARGETS = ("stderr", "syslog")
 UNKNOWN_UID_ACTIONS = ("numeric", "no-user")
 INBOUND_ACTIONS = ("hide", "no-user", "answer")
+LOOKUP_BACKENDS = ("auto", "netlink", "procfs")
 SYSLOG_FACILITIES = tuple(sorted(logging.handlers.SysLogHandler.facility_names))
 
 
@@ -213,6 +222,7 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, Callable[[Any], Any]]]] = {
             "mask_errors": _boolean,
         },
     ),
+    "lookup": (LookupConfig, {"backend": _choice(*LOOKUP_BACKENDS)}),
     "log": (
         LogConfig,
         {

@@ -50,6 +50,9 @@ ACCEPT_BATCH = 64  # connections taken per readable listener, so no listener sta
 ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE and the like
 REFUSAL_LOG_INTERVAL = 10.0
 MALFORMED_REPLY = format_reply(0, 0, ErrorReply(ErrorType.INVALID_PORT))
+# Sections bound at start: listeners and the account (root is gone by a
+# reload), and the lookup backend.
+RESTART_ONLY = ("server", "lookup")
 # accept() errors that mean "out of a resource": retrying at once would spin.
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # accept() errors about one connection that went away before we took it.
@@ -288,10 +291,16 @@ class Server:
 
     def apply(self, config: Config) -> None:
         """Serve with a new configuration; [server] changes wait for a restart."""
-        if config.server != self.config.server:
-            log.warning("[server] settings (listen, user, group) take effect at the next start")
+        waiting = [
+            name for name in RESTART_ONLY if getattr(config, name) != getattr(self.config, name)
+        ]
+        if waiting:
+            log.warning(
+                "%s settings take effect at the next start",
+                ", ".join(f"[{name}]" for name in waiting),
+            )
             # Keep describing what runs, so the next reload warns again.
-            config = replace(config, server=self.config.server)
+            config = replace(config, **{name: getattr(self.config, name) for name in waiting})
         shorter = config.limits.idle_timeout < self.config.limits.idle_timeout
         self.config = config
         self.responder.config = config.reply

@@ -61,15 +61,21 @@ def test_check_config_missing_file(tmp_path: Path) -> None:
 
 
 @requires_root
-def test_lookup_explains_a_live_connection() -> None:
-    """lookup shows the kernel entry, the owner, the rule and the exact reply."""
+@pytest.mark.parametrize(
+    ("backend", "source"), [("procfs", "/proc/net/tcp"), ("netlink", "netlink sock_diag")]
+)
+def test_lookup_explains_a_live_connection(tmp_path: Path, backend: str, source: str) -> None:
+    """lookup shows the kernel entry (and the backend that found it), the owner, the rule and
+    the exact reply."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'[lookup]\nbackend = "{backend}"\n')
     with owned_connection(1, ("127.0.0.1", 0), "127.0.0.1") as conn:
         local, remote = f"127.0.0.1:{conn.local[1]}", f"127.0.0.1:{conn.remote[1]}"
-        result = CliRunner().invoke(main, ["lookup", local, remote])
+        result = CliRunner().invoke(main, ["lookup", "-c", str(config), local, remote])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == f"connection: {local} (this host) <-> {remote} (querier)"
-    assert re.fullmatch(r"kernel:     /proc/net/tcp: ESTABLISHED, uid 1, inode \d+", lines[1])
+    assert re.fullmatch(rf"kernel:     {source}: ESTABLISHED, uid 1, inode \d+", lines[1])
     assert lines[2:] == [
         "owner:      daemon(uid=1)",
         "rule:       owner",

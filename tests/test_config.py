@@ -24,7 +24,7 @@ def test_sample_sets_every_key() -> None:
 
     sample = tomllib.loads(SAMPLE.read_text())
     config = Config()
-    for section in ("server", "limits", "reply", "log"):
+    for section in config.__dataclass_fields__:
         fields = set(getattr(config, section).__dataclass_fields__)
         assert set(sample[section]) == fields, section
 
@@ -66,7 +66,11 @@ def test_values_are_read(tmp_path: Path) -> None:
     ("data", "message"),
     [
         ({"sever": {}}, "sever: unknown key; did you mean 'server'?"),
-        ({"rules": {}}, "rules: unknown key (known: server, limits, reply, log)"),
+        ({"rules": {}}, "rules: unknown key (known: server, limits, reply, lookup, log)"),
+        (
+            {"lookup": {"backend": "ebpf"}},
+            "lookup.backend: must be one of 'auto', 'netlink', 'procfs'",
+        ),
         ({"server": {"lisen": []}}, "server.lisen: unknown key; did you mean 'listen'?"),
         ({"server": 5}, "server: must be a table"),
         ({"server": {"listen": []}}, "server.listen: must be a non-empty list"),

@@ -116,3 +116,25 @@ def endpoint_from_sockaddr(sockaddr: tuple[str, int] | tuple[str, int, int, int]
     """An Endpoint from a socket address as Python returns it (scope ids dropped)."""
     host = sockaddr[0].split("%", 1)[0]
     return Endpoint(normalize_address(ipaddress.ip_address(host)), sockaddr[1])
+
+
+# The backends import the types above, so they come after them.
+from procident.lookup import netlink, procfs  # noqa: E402
+
+
+def select_backend(name: str) -> Backend:
+    """The backend for lookup.backend: "netlink", "procfs", or "auto" (netlink when the
+    kernel answers sock_diag requests, else procfs). LookupFailed if netlink was asked
+    for by name and does not work."""
+    if name == "procfs":
+        return procfs.ProcfsBackend()
+    try:
+        backend = netlink.NetlinkBackend()
+        # A lookup of a connection that cannot exist: the kernel must answer "none".
+        nowhere = Endpoint(ipaddress.IPv4Address("127.0.0.1"), 0)
+        backend.find(ConnectionId(nowhere, nowhere))
+    except (OSError, LookupFailed) as err:
+        if name == "netlink":
+            raise LookupFailed(f"lookup.backend: netlink does not work here: {err}") from None
+        return procfs.ProcfsBackend()
+    return backend

@@ -1,0 +1,260 @@
+"""The sock_diag backend: pack/unpack on hand-built bytes, then against the live kernel,
+where it must give exactly the answers of the procfs backend."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import socket
+import struct
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import requires_root
+from harness import owned_connection
+
+from procident.lookup import (
+    ConnectionId,
+    Endpoint,
+    LookupFailed,
+    TcpState,
+    normalize_address,
+    select_backend,
+)
+from procident.lookup.netlink import NetlinkBackend, pack_request, unpack_response
+from procident.lookup.procfs import ProcfsBackend, parse_table
+
+V4_LOCAL = Endpoint(ipaddress.IPv4Address("192.0.2.1"), 40001)
+V4_REMOTE = Endpoint(ipaddress.IPv4Address("198.51.100.7"), 6667)
+V6_LOCAL = Endpoint(ipaddress.IPv6Address("2001:db8::1"), 40001)
+V6_REMOTE = Endpoint(ipaddress.IPv6Address("2001:db8::7"), 6667)
+
+
+def nlmsg(kind: int, seq: int, body: bytes) -> bytes:
+    """A netlink message as the kernel sends it (host order header, 4-byte aligned)."""
+    message = struct.pack("=IHHII", 16 + len(body), kind, 0, seq, 4242) + body
+    return message + b"\0" * (-len(message) % 4)
+
+
+def diag_msg(
+    family: int,
+    state: int,
+    local: bytes,
+    lport: int,
+    remote: bytes,
+    rport: int,
+    uid: int,
+    inode: int,
+) -> bytes:
+    """struct inet_diag_msg, built field by field from linux/inet_diag.h."""
+    return (
+        bytes([family, state, 0, 0])
+        + struct.pack("!HH", lport, rport)
+        + local.ljust(16, b"\0")
+        + remote.ljust(16, b"\0")
+        + struct.pack("=III", 0, 0x12345678, 0x9ABCDEF0)  # if, cookie
+        + struct.pack("=IIIII", 0, 0, 0, uid, inode)  # expires, rqueue, wqueue, uid, inode
+    )
+
+
+def test_pack_ipv4_request() -> None:
+    """An IPv4 request: header, inet_diag_req_v2 head, then the socket id, byte for byte."""
+    data = pack_request(V4_LOCAL, V4_REMOTE, seq=7)
+    expected = (
+        struct.pack("=IHHII", 72, 20, 1, 7, 0)  # 16 + 56 bytes, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST
+        + bytes([socket.AF_INET, socket.IPPROTO_TCP, 0, 0])
+        + struct.pack("=I", 0xFFFFFFFF)
+        + bytes.fromhex("9c41 1a0b")  # ports 40001, 6667 in network order
+        + bytes([192, 0, 2, 1])
+        + b"\0" * 12
+        + bytes([198, 51, 100, 7])
+        + b"\0" * 12
+        + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)  # any interface, no cookie
+    )
+    assert data == expected
+
+
+def test_pack_ipv6_request() -> None:
+    """An IPv6 request carries family AF_INET6 and the full 16-byte addresses."""
+    data = pack_request(V6_LOCAL, V6_REMOTE, seq=1)
+    assert data[16] == socket.AF_INET6
+    assert data[28:44] == V6_LOCAL.address.packed and data[44:60] == V6_REMOTE.address.packed
+
+
+def test_unpack_ipv4_entry() -> None:
+    """A diag message becomes a SocketEntry with addresses, ports, state, uid and inode."""
+    body = diag_msg(
+        socket.AF_INET,
+        1,
+        bytes([192, 0, 2, 1]),
+        40001,
+        bytes([198, 51, 100, 7]),
+        6667,
+        3_000_000_000,
+        99,
+    )
+    entry = unpack_response(nlmsg(20, 5, body), seq=5)
+    assert entry is not None and entry is not False
+    assert (entry.local, entry.remote) == (V4_LOCAL, V4_REMOTE)
+    assert (entry.state, entry.uid, entry.inode) == (TcpState.ESTABLISHED, 3_000_000_000, 99)
+
+
+def test_unpack_ipv6_and_mapped_entries() -> None:
+    """IPv6 messages keep their 16-byte addresses, v4-mapped ones included."""
+    mapped = ipaddress.IPv6Address("::ffff:192.0.2.1").packed
+    body = diag_msg(socket.AF_INET6, 6, mapped, 40001, V6_REMOTE.address.packed, 6667, 0, 0)
+    entry = unpack_response(nlmsg(20, 1, body), seq=1)
+    assert entry and normalize_address(entry.local.address) == V4_LOCAL.address
+    assert entry.state == TcpState.TIME_WAIT and not entry.owned
+
+
+def test_unpack_enoent_is_none() -> None:
+    """The kernel's ENOENT is 'no such socket': None, not an error."""
+    error = struct.pack("=i", -errno.ENOENT) + b"\0" * 16
+    assert unpack_response(nlmsg(2, 3, error), seq=3) is None
+
+
+def test_unpack_other_errors_raise() -> None:
+    """Any other error from the kernel is 'could not look'."""
+    error = struct.pack("=i", -errno.EACCES) + b"\0" * 16
+    with pytest.raises(OSError, match="EACCES"):
+        unpack_response(nlmsg(2, 3, error), seq=3)
+
+
+def test_unpack_skips_late_answers() -> None:
+    """Messages for another sequence number are skipped; the one for ours is read."""
+    late = nlmsg(2, 1, struct.pack("=i", -errno.ENOENT) + b"\0" * 16)
+    ours = nlmsg(20, 2, diag_msg(socket.AF_INET, 1, b"\x7f\0\0\1", 1, b"\x7f\0\0\1", 2, 5, 6))
+    assert unpack_response(late, seq=2) is False
+    entry = unpack_response(late + ours, seq=2)
+    assert entry and entry.uid == 5
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        nlmsg(20, 1, b"\0" * 40),  # too short for inet_diag_msg
+        struct.pack("=IHHII", 200, 20, 0, 1, 0) + b"\0" * 20,  # length beyond the datagram
+        nlmsg(20, 1, diag_msg(7, 1, b"", 1, b"", 2, 0, 0)),  # unknown family
+        nlmsg(20, 1, diag_msg(socket.AF_INET, 99, b"", 1, b"", 2, 0, 0)),  # unknown state
+    ],
+)
+def test_unpack_rejects_malformed(data: bytes) -> None:
+    """Malformed answers raise ValueError, never give a guess."""
+    with pytest.raises(ValueError):
+        unpack_response(data, seq=1)
+
+
+def conn(local: tuple, remote: tuple) -> ConnectionId:
+    def ep(pair: tuple) -> Endpoint:
+        return Endpoint(normalize_address(ipaddress.ip_address(pair[0])), pair[1])
+
+    return ConnectionId(ep(local), ep(remote))
+
+
+def test_live_lookup_and_listener_fallback() -> None:
+    """Live: a connection is found, its service side is inbound, and a missing connection on
+    a listening port (where the kernel answers with the listener) is None."""
+    backend = NetlinkBackend()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with socket.create_connection(listener.getsockname()) as client:
+            server, _ = listener.accept()
+            with server:
+                outbound = backend.find(conn(client.getsockname(), client.getpeername()))
+                inbound = backend.find(conn(server.getsockname(), server.getpeername()))
+                missing = backend.find(conn(server.getsockname(), ("127.0.0.9", 1)))
+    assert outbound and outbound.entry.state == TcpState.ESTABLISHED and not outbound.inbound
+    assert inbound and inbound.inbound
+    assert missing is None
+    backend.close()
+
+
+def test_select_backend() -> None:
+    """procfs and netlink by name; auto picks netlink where the kernel answers it."""
+    assert select_backend("procfs").name == "procfs"
+    assert select_backend("netlink").name == "netlink"
+    assert select_backend("auto").name == "netlink"
+
+
+def test_closed_backend_is_lookup_failed() -> None:
+    """A netlink socket that fails is 'could not look', not 'not found'."""
+    backend = NetlinkBackend()
+    backend.close()
+    with pytest.raises(LookupFailed, match="sock_diag lookup failed"):
+        backend.find(conn(("127.0.0.1", 1), ("127.0.0.1", 2)))
+
+
+@requires_root
+def test_backends_agree_on_the_live_table() -> None:
+    """On the same live socket table, netlink and procfs give identical answers: for every
+    connection we made (several uids, IPv4, IPv6, dual-stack, closed, TIME_WAIT), for
+    their service sides (inbound), and for connections that do not exist."""
+    with contextlib.ExitStack() as stack:
+        made = [
+            stack.enter_context(owned_connection(1, ("127.0.0.1", 0), "127.0.0.1")),
+            stack.enter_context(owned_connection(2, ("127.0.0.1", 0), "127.0.0.2")),
+            stack.enter_context(
+                owned_connection(3_000_000_000, ("::1", 0), "::1", socket.AF_INET6)
+            ),
+            stack.enter_context(
+                owned_connection(65534, ("127.0.0.1", 0), "::ffff:127.0.0.1", socket.AF_INET6)
+            ),
+            stack.enter_context(
+                owned_connection(1, ("127.0.0.1", 0), "127.0.0.1", close_first=True)
+            ),
+        ]
+        ghost = stack.enter_context(
+            owned_connection(2, ("127.0.0.1", 0), "127.0.0.1", close_first=True)
+        )
+        assert ghost.accepted.recv(1) == b""
+        ghost.accepted.close()  # both ends closed: the client end goes to TIME_WAIT
+        time.sleep(0.1)
+        made.append(ghost)
+        ports = {c.local[1] for c in made} | {c.remote[1] for c in made}
+        table = [
+            entry
+            for path, name in (("/proc/net/tcp", "tcp"), ("/proc/net/tcp6", "tcp6"))
+            for entry in parse_table(Path(path).read_text(), name)
+            if entry.state != TcpState.LISTEN and {entry.local.port, entry.remote.port} <= ports
+        ]
+        assert (
+            len(table) >= 2 * len(made) - 1
+        )  # both ends of each (the TIME_WAIT server end is gone)
+        queries = [
+            ConnectionId(
+                Endpoint(normalize_address(e.local.address), e.local.port),
+                Endpoint(normalize_address(e.remote.address), e.remote.port),
+            )
+            for e in table
+        ]
+        # and ones that do not exist: another querier, another port, a listening port
+        queries += [
+            replace(
+                q,
+                remote=replace(
+                    q.remote,
+                    address=ipaddress.ip_address(
+                        "::2" if q.remote.address.version == 6 else "127.0.0.9"
+                    ),
+                ),
+            )
+            for q in queries
+        ]
+        queries += [replace(q, remote=replace(q.remote, port=1)) for q in queries]
+        procfs, netlink = ProcfsBackend(), NetlinkBackend()
+
+        def comparable(found):
+            return None if found is None else (replace(found.entry, source=""), found.inbound)
+
+        answers = [(q, comparable(procfs.find(q)), comparable(netlink.find(q))) for q in queries]
+        netlink.close()
+    differing = [(q, a, b) for q, a, b in answers if a != b]
+    assert not differing
+    found = [a for _, a, _ in answers if a is not None]
+    assert len(found) == len(table)  # every listed socket was found, nothing more
+    assert any(inbound for _, inbound in found) and any(not e.owned for e, _ in found)
