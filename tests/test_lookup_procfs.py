@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from procident.lookup import ConnectionId, Endpoint, LookupFailed, TcpState
+from procident.lookup import ConnectionId, Endpoint, LookupFailed, TcpState, normalize_address
 from procident.lookup.procfs import ProcfsBackend, find_in_tables, parse_table
 
 DATA = Path(__file__).parent / "data"
@@ -175,13 +175,86 @@ def test_ipv6_lookup_needs_no_ipv4_table(tmp_path: Path) -> None:
 
 
 def test_backend_failures_are_lookup_failed(tmp_path: Path) -> None:
-    """A missing or unreadable table is 'could not look', not 'not found'."""
+    """A missing, unreadable or unexpected table is 'could not look', not 'not found'."""
     with pytest.raises(LookupFailed, match="does not exist"):
         ProcfsBackend(str(tmp_path / "absent"), str(tmp_path / "absent6")).find(
             conn("127.0.0.1:1", "127.0.0.1:2")
         )
-    (tmp_path / "tcp").write_text(HEADER + "   0: garbage\n")
-    with pytest.raises(LookupFailed, match="line 2"):
+    (tmp_path / "tcp").write_text(HEADER + "   0: 0100007F:0001 0100007F:0002 garbage\n")
+    with pytest.raises(LookupFailed, match="too few fields"):
         ProcfsBackend(str(tmp_path / "tcp"), str(tmp_path / "absent6")).find(
             conn("127.0.0.1:1", "127.0.0.1:2")
         )
+    (tmp_path / "tcp").write_text(HEADER.replace("uid", "owner") + TCP4.split("\n", 1)[1])
+    with pytest.raises(LookupFailed, match="unexpected header"):
+        ProcfsBackend(str(tmp_path / "tcp"), str(tmp_path / "absent6")).find(
+            conn("127.0.0.1:40001", "127.0.0.1:6667")
+        )
+
+
+def full_parse_find(conn: ConnectionId, tcp4: str, tcp6: str):
+    """The reference: parse every line and compare values (what find_in_tables must equal)."""
+    v4 = conn.local.address.version == 4
+    entries = list(parse_table(tcp4, "/proc/net/tcp", "little")) if v4 else []
+    entries += list(parse_table(tcp6, "/proc/net/tcp6", "little"))
+    match, listening = None, False
+    for entry in entries:
+        local = normalize_address(entry.local.address)
+        if entry.state == TcpState.LISTEN:
+            covers = local == conn.local.address or (
+                local.is_unspecified if v4 else entry.local.address == ipaddress.IPv6Address("::")
+            )
+            listening = listening or (entry.local.port == conn.local.port and covers)
+        elif (
+            local,
+            entry.local.port,
+            normalize_address(entry.remote.address),
+            entry.remote.port,
+        ) == (
+            conn.local.address,
+            conn.local.port,
+            conn.remote.address,
+            conn.remote.port,
+        ) and (match is None or (entry.owned and not match.owned)):
+            match = entry
+    return None if match is None else (match, listening)
+
+
+def test_text_search_equals_full_parse_on_every_pair() -> None:
+    """For every pair of endpoints in the fixtures, found or not, the raw-text search gives
+    exactly the answer of a full parse."""
+    entries = list(parse_table(TCP4, "", "little")) + list(parse_table(TCP6, "", "little"))
+    ends = {
+        Endpoint(normalize_address(e.address), e.port) for x in entries for e in (x.local, x.remote)
+    }
+    ends |= {ep("127.0.0.1:1"), ep("[::1]:1"), ep("127.0.0.3:6667")}
+    checked = found = 0
+    for local in ends:
+        for remote in ends:
+            if local.address.version != remote.address.version or not (local.port and remote.port):
+                continue
+            c = ConnectionId(local, remote)
+            fast = find_in_tables(c, TCP4, TCP6, byteorder="little")
+            assert (None if fast is None else (fast.entry, fast.inbound)) == full_parse_find(
+                c, TCP4, TCP6
+            ), c
+            checked += 1
+            found += fast is not None
+    assert checked >= 70  # found and absent pairs alike
+    assert found == sum(e.state != TcpState.LISTEN for e in entries)  # every connection row, once
+
+
+def test_mapped_wildcard_listener_covers_ipv4_only() -> None:
+    """A dual-stack socket listening on ::ffff:0.0.0.0 takes IPv4 connections only."""
+    head6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    rows6 = (
+        "   0: 0000000000000000FFFF000000000000:0016 00000000000000000000000000000000:0000 0A 0:0 0:0 0 0 0 10 1\n"
+        "   1: 00000000000000000000000001000000:0016 00000000000000000000000001000000:9C41 01 0:0 0:0 0 5 0 11 1\n"
+    )
+    rows4 = "   0: 0100007F:0016 0100007F:9C41 01 0:0 0:0 0 5 0 12 1\n"
+    v6 = find_in_tables(conn("[::1]:22", "[::1]:40001"), "", head6 + rows6, "little")
+    v4 = find_in_tables(
+        conn("127.0.0.1:22", "127.0.0.1:40001"), HEADER + rows4, head6 + rows6, "little"
+    )
+    assert v6 is not None and not v6.inbound
+    assert v4 is not None and v4.inbound

@@ -18,7 +18,6 @@ from procident.lookup import (
     LookupFailed,
     SocketEntry,
     TcpState,
-    normalize_address,
 )
 
 TCP4_PATH = "/proc/net/tcp"
@@ -48,30 +47,73 @@ def _parse_endpoint(text: str, byteorder: str) -> Endpoint:
     return Endpoint(_parse_address(address, byteorder), int(port, 16))
 
 
+def parse_line(line: str, source: str = "", byteorder: str = sys.byteorder) -> SocketEntry:
+    """Parse one row of /proc/net/tcp or tcp6; ValueError if it is not one."""
+    fields = line.split()
+    try:
+        # sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
+        uid, inode = int(fields[7]), int(fields[9])
+        if not 0 <= uid <= MAX_UID:
+            raise ValueError(f"uid {uid} is not an unsigned 32-bit number")
+        return SocketEntry(
+            local=_parse_endpoint(fields[1], byteorder),
+            remote=_parse_endpoint(fields[2], byteorder),
+            state=TcpState(int(fields[3], 16)),
+            uid=uid,
+            inode=inode,
+            source=source,
+        )
+    except IndexError:
+        raise ValueError("too few fields") from None
+
+
 def parse_table(
     text: str, source: str = "", byteorder: str = sys.byteorder
 ) -> Iterator[SocketEntry]:
-    """Parse the text of /proc/net/tcp or /proc/net/tcp6; ValueError names a bad line."""
-    lines = text.splitlines()
-    for number, line in enumerate(lines[1:], start=2):  # line 1 is the header
-        fields = line.split()
-        if not fields:
-            continue
-        try:
-            # sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
-            uid, inode = int(fields[7]), int(fields[9])
-            if not 0 <= uid <= MAX_UID:
-                raise ValueError(f"uid {uid} is not an unsigned 32-bit number")
-            yield SocketEntry(
-                local=_parse_endpoint(fields[1], byteorder),
-                remote=_parse_endpoint(fields[2], byteorder),
-                state=TcpState(int(fields[3], 16)),
-                uid=uid,
-                inode=inode,
-                source=source,
-            )
-        except (IndexError, ValueError) as err:
-            raise ValueError(f"{source or 'table'} line {number}: {err}: {line.strip()!r}") from err
+    """Parse the whole text of /proc/net/tcp or /proc/net/tcp6; ValueError names a bad line."""
+    for number, line in enumerate(text.splitlines()[1:], start=2):  # line 1 is the header
+        if line.strip():
+            try:
+                yield parse_line(line, source, byteorder)
+            except ValueError as err:
+                where = f"{source or 'table'} line {number}"
+                raise ValueError(f"{where}: {err}: {line.strip()!r}") from err
+
+
+def _hex(address: IPAddress, port: int, byteorder: str) -> str:
+    """An endpoint spelt as the kernel prints it: each 32-bit word of the address as a
+    native integer in upper-case hex, then the port."""
+    raw = address.packed
+    words = "".join(
+        f"{int.from_bytes(raw[i : i + 4], byteorder):08X}"  # type: ignore[arg-type]
+        for i in range(0, len(raw), 4)
+    )
+    return f"{words}:{port:04X}"
+
+
+def _lines_with(text: str, needle: str) -> Iterator[str]:
+    """The lines of `text` that contain `needle`."""
+    at = text.find(needle)
+    while at >= 0:
+        end = text.find("\n", at)
+        end = len(text) if end < 0 else end
+        yield text[text.rfind("\n", 0, at) + 1 : end]
+        at = text.find(needle, end)
+
+
+def _check_header(text: str, source: str) -> None:
+    # The search below never looks at lines that do not match, so a kernel that
+    # printed its rows differently would turn every answer into NO-USER; a
+    # header with other field names is refused instead.
+    if not text:
+        return  # no such table on this host
+    names = text[: text.find("\n")].split()
+    if names[:2] != ["sl", "local_address"] or names[9:12] != ["uid", "timeout", "inode"]:
+        raise ValueError(f"{source}: unexpected header {' '.join(names)!r}")
+
+
+_IPV4_ANY = ipaddress.IPv4Address("0.0.0.0")
+_IPV6_ANY = ipaddress.IPv6Address("::")
 
 
 def _mapped(address: IPAddress) -> ipaddress.IPv6Address:
@@ -83,36 +125,43 @@ def find_in_tables(
 ) -> Found | None:
     """Find `conn` in the text of the two tables; all four values must match (RFC 1413 §3).
 
+    Rather than parse every line, search the text for the kernel's own spelling
+    of the four values: a needle that starts with the "sl:" colon can only
+    match the local-address field, and only the lines found are parsed.
+
     An IPv4 connection may sit in tcp6 as ::ffff:a.b.c.d when its socket is
     dual-stack. Among several matches (a TIME_WAIT ghost beside a new socket
-    with the same four values) the one a process holds wins.
+    with the same four values) the one a process holds wins. The connection is
+    inbound when a listener holds its local port on its local address or a
+    wildcard that covers it; the IPv6 wildcard counts for IPv4 too, since /proc
+    does not show IPV6_V6ONLY (which errs towards privacy).
     """
+    local, remote, port = conn.local.address, conn.remote.address, conn.local.port
+    tables: list[tuple[str, str, IPAddress, IPAddress, tuple[IPAddress, ...], IPAddress]]
+    if local.version == 4:
+        tables = [
+            (tcp4, TCP4_PATH, local, remote, (local, _IPV4_ANY), _IPV4_ANY),
+            (tcp6, TCP6_PATH, _mapped(local), _mapped(remote),
+             (_mapped(local), _IPV6_ANY, _mapped(_IPV4_ANY)), _IPV6_ANY),
+        ]  # fmt: skip
+    else:
+        tables = [(tcp6, TCP6_PATH, local, remote, (local, _IPV6_ANY), _IPV6_ANY)]
     match: SocketEntry | None = None
     listening = False
-    port = conn.local.port
-    for entry in _candidates(conn, tcp4, tcp6, byteorder):
-        local = normalize_address(entry.local.address)
-        if entry.state == TcpState.LISTEN:
-            if entry.local.port == port and (local == conn.local.address or local.is_unspecified):
-                listening = True
-        elif (
-            entry.local.port == port
-            and entry.remote.port == conn.remote.port
-            and local == conn.local.address
-            and normalize_address(entry.remote.address) == conn.remote.address
-            and (match is None or (entry.owned and not match.owned))
-        ):
-            match = entry
+    for text, source, here, there, listen_on, nowhere in tables:
+        _check_header(text, source)
+        needle = f": {_hex(here, port, byteorder)} {_hex(there, conn.remote.port, byteorder)} "
+        for line in _lines_with(text, needle):
+            entry = parse_line(line, source, byteorder)
+            if match is None or (entry.owned and not match.owned):
+                match = entry
+        # A listener's remote end is all zeros and its state 0A (TCP_LISTEN).
+        listener = f" {_hex(nowhere, 0, byteorder)} {TcpState.LISTEN:02X} "
+        listening = listening or any(
+            next(_lines_with(text, f": {_hex(address, port, byteorder)}{listener}"), None)
+            for address in listen_on
+        )
     return Found(match, inbound=listening) if match is not None else None
-
-
-def _candidates(conn: ConnectionId, tcp4: str, tcp6: str, byteorder: str) -> Iterator[SocketEntry]:
-    if conn.local.address.version == 4:
-        yield from parse_table(tcp4, TCP4_PATH, byteorder)
-    # tcp6 holds IPv6 sockets and dual-stack sockets speaking IPv4 (::ffff:...).
-    # An unspecified :: listener accepts IPv4 too unless it is IPV6_V6ONLY,
-    # which /proc does not show; counting it as listening errs towards privacy.
-    yield from parse_table(tcp6, TCP6_PATH, byteorder)
 
 
 class ProcfsBackend:
