@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+log = logging.getLogger(__name__)
 
 
 class LookupFailed(Exception):
@@ -130,11 +132,20 @@ def select_backend(name: str) -> Backend:
         return procfs.ProcfsBackend()
     try:
         backend = netlink.NetlinkBackend()
+    except OSError as err:
+        return _without_netlink(name, err)
+    try:
         # A lookup of a connection that cannot exist: the kernel must answer "none".
         nowhere = Endpoint(ipaddress.IPv4Address("127.0.0.1"), 0)
         backend.find(ConnectionId(nowhere, nowhere))
-    except (OSError, LookupFailed) as err:
-        if name == "netlink":
-            raise LookupFailed(f"lookup.backend: netlink does not work here: {err}") from None
-        return procfs.ProcfsBackend()
+    except LookupFailed as err:
+        backend.close()
+        return _without_netlink(name, err)
     return backend
+
+
+def _without_netlink(name: str, err: Exception) -> Backend:
+    if name == "netlink":
+        raise LookupFailed(f"lookup.backend: netlink does not work here: {err}")
+    log.info("netlink sock_diag does not work here (%s); reading /proc instead", err)
+    return procfs.ProcfsBackend()

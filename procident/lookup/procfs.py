@@ -147,21 +147,22 @@ def find_in_tables(
     else:
         tables = [(tcp6, TCP6_PATH, local, remote, (local, _IPV6_ANY), _IPV6_ANY)]
     match: SocketEntry | None = None
-    listening = False
-    for text, source, here, there, listen_on, nowhere in tables:
+    for text, source, here, there, _, _ in tables:
         _check_header(text, source)
         needle = f": {_hex(here, port, byteorder)} {_hex(there, conn.remote.port, byteorder)} "
         for line in _lines_with(text, needle):
             entry = parse_line(line, source, byteorder)
             if match is None or (entry.owned and not match.owned):
                 match = entry
+    if match is None:
+        return None  # what scanners mostly ask: no listener search needed
+    listening = False
+    for text, _, _, _, listen_on, nowhere in tables:
         # A listener's remote end is all zeros and its state 0A (TCP_LISTEN).
-        listener = f" {_hex(nowhere, 0, byteorder)} {TcpState.LISTEN:02X} "
-        listening = listening or any(
-            next(_lines_with(text, f": {_hex(address, port, byteorder)}{listener}"), None)
-            for address in listen_on
-        )
-    return Found(match, inbound=listening) if match is not None else None
+        tail = f" {_hex(nowhere, 0, byteorder)} {TcpState.LISTEN:02X} "
+        if any(f": {_hex(address, port, byteorder)}{tail}" in text for address in listen_on):
+            listening = True
+    return Found(match, inbound=listening)
 
 
 class ProcfsBackend:
