@@ -189,7 +189,7 @@ class Server:
     # -- the loop -------------------------------------------------------------
 
     def run(self) -> None:
-        """Serve until SIGTERM or SIGINT (or stop()); SIGHUP reloads the configuration."""
+        """Serve until SIGTERM or SIGINT; SIGHUP reloads the configuration."""
         handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         previous = {signum: signal.signal(signum, self._on_signal) for signum in handled}
         previous_fd = signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
@@ -217,10 +217,6 @@ class Server:
             key.data(mask)
         self._handle_signals()
         self._tick(self.clock())
-
-    def stop(self) -> None:
-        """Make run() return after the current iteration."""
-        self.running = False
 
     def close(self) -> None:
         """Close every session and listener."""
