@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import pwd
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from procident import policy
@@ -50,6 +51,10 @@ class Responder:
         self.backend = backend
         self.config = config
         self.user_name = user_name
+
+    def batch(self) -> AbstractContextManager[None]:
+        """A block whose lookups may share one read of the kernel's tables (a loop turn)."""
+        return self.backend.batch()
 
     def respond(self, query: Query, conn: ConnectionId) -> Answer:
         """Decide and format the reply to `query` about `conn`."""

@@ -213,8 +213,10 @@ class Server:
         wait = self._timeout()
         if timeout is not None:
             wait = timeout if wait is None else min(wait, timeout)
-        for key, mask in self.selector.select(wait):
-            key.data(mask)
+        events = self.selector.select(wait)
+        with self.responder.batch():  # the queries of one turn may share a table read
+            for key, mask in events:
+                key.data(mask)
         self._handle_signals()
         self._tick(self.clock())
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from procident.lookup import ConnectionId, Found, SocketEntry
 
 
@@ -15,16 +18,28 @@ class DictBackend:
     ):
         self.table = table
         self.listening = listening  # local ports that have a listening socket
+        self.batches = 0  # batches entered so far
+        self.in_batch = False
+        self.finds: list[tuple[int, bool]] = []  # (batch number, inside it) for each find
 
     def find(self, conn: ConnectionId) -> Found | None:
+        self.finds.append((self.batches, self.in_batch))
         entry = self.table.get(conn)
         return None if entry is None else Found(entry, entry.local.port in self.listening)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        self.batches += 1
+        self.in_batch = True
+        try:
+            yield
+        finally:
+            self.in_batch = False
 
 
 import os  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402

@@ -258,3 +258,16 @@ def test_mapped_wildcard_listener_covers_ipv4_only() -> None:
     )
     assert v6 is not None and not v6.inbound
     assert v4 is not None and v4.inbound
+
+
+def test_batch_reads_each_table_once(tmp_path: Path) -> None:
+    """Inside a batch, lookups share one read of each table; outside, every lookup reads anew."""
+    path = tmp_path / "tcp"
+    path.write_text(TCP4)
+    backend = ProcfsBackend(str(path), str(tmp_path / "absent6"))
+    c = conn("127.0.0.1:40001", "127.0.0.1:6667")
+    with backend.batch():
+        assert backend.find(c) is not None
+        path.write_text(HEADER)  # the connection is gone from the file...
+        assert backend.find(c) is not None  # ...but this batch already read it
+    assert backend.find(c) is None  # a new read sees the change

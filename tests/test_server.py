@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import selectors
 import socket
+import time
 from dataclasses import replace
 
 import pytest
@@ -159,6 +160,7 @@ class ExplodingResponder:
     def __init__(self, config) -> None:
         self.config = config
         self.inner = Responder(DictBackend({}), config)
+        self.batch = self.inner.batch
 
     def respond(self, query: Query, conn: ConnectionId) -> Answer:
         if query.server_port == 666:
@@ -243,3 +245,20 @@ def test_fd_exhaustion_on_two_listeners_at_once(server_factory, caplog) -> None:
     assert len(server.sessions) == 2
     for client in clients:
         client.close()
+
+
+def test_one_batch_per_turn(server_factory) -> None:
+    """Queries that arrive in the same loop turn are looked up inside one backend batch
+    (so the procfs backend reads its tables once for all of them)."""
+    backend = DictBackend({})
+    server, _ = server_factory(responder=Responder(backend, Config().reply))
+    clients = [connect(server) for _ in range(3)]
+    pump(server, 5)  # accepted
+    for client in clients:
+        client.send(b"1,1\r\n2,2\r\n")
+    time.sleep(0.1)  # all three are readable by the next turn
+    server.step(timeout=1)
+    assert len(backend.finds) == 6
+    assert {batch for batch, _ in backend.finds} == {backend.batches} and all(
+        inside for _, inside in backend.finds
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -104,6 +105,11 @@ class Backend(Protocol):
 
     def find(self, conn: ConnectionId) -> Found | None:
         """Return the kernel's entry for `conn`, None if there is none; raise LookupFailed."""
+        ...
+
+    def batch(self) -> AbstractContextManager[None]:
+        """A block whose lookups may share one read of the kernel's tables: the server
+        answers each loop turn's queries inside one. Outside a batch every lookup is fresh."""
         ...
 
 

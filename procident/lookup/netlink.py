@@ -19,6 +19,7 @@ import errno
 import ipaddress
 import socket
 import struct
+from contextlib import AbstractContextManager, nullcontext
 
 from procident.lookup import (
     ConnectionId,
@@ -136,6 +137,10 @@ class NetlinkBackend:
 
     def close(self) -> None:
         self._sock.close()
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Nothing to share: every request is exact and cheap."""
+        return nullcontext()
 
     def find(self, conn: ConnectionId) -> Found | None:
         """Look `conn` up; a listener in the answer means there is no such connection."""

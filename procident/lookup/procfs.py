@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from procident.lookup import (
     ConnectionId,
@@ -173,17 +174,36 @@ class ProcfsBackend:
     def __init__(self, tcp4_path: str = TCP4_PATH, tcp6_path: str = TCP6_PATH) -> None:
         self.tcp4_path = tcp4_path
         self.tcp6_path = tcp6_path
+        self._batched: dict[str, str] | None = None  # path -> text, inside a batch
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Read each table at most once in this block: reading /proc/net/tcp costs the
+        kernel a walk of its whole connection hash table, so queries that arrive
+        together share one read."""
+        self._batched = {}
+        try:
+            yield
+        finally:
+            self._batched = None
 
     def find(self, conn: ConnectionId) -> Found | None:
         """Look `conn` up in the kernel's tables."""
         ipv4 = conn.local.address.version == 4
         # An IPv6 connection can only be in tcp6; an IPv4 one in either.
-        tcp4 = _read(self.tcp4_path, required=True) if ipv4 else ""
-        tcp6 = _read(self.tcp6_path, required=not ipv4)
+        tcp4 = self._table(self.tcp4_path, required=True) if ipv4 else ""
+        tcp6 = self._table(self.tcp6_path, required=not ipv4)
         try:
             return find_in_tables(conn, tcp4, tcp6)
         except ValueError as err:
             raise LookupFailed(f"cannot parse the kernel's socket table: {err}") from err
+
+    def _table(self, path: str, required: bool) -> str:
+        if self._batched is None:
+            return _read(path, required)
+        if path not in self._batched:
+            self._batched[path] = _read(path, required)
+        return self._batched[path]
 
 
 def _read(path: str, required: bool) -> str:
