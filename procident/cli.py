@@ -12,6 +12,7 @@ import logging.handlers
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 
 import click
@@ -263,7 +264,7 @@ def lookup(local: Endpoint, remote: Endpoint, config_path: str | None) -> None:
         raise click.ClickException(str(err)) from None
     setup_logging(LogConfig(level="warning"))
     answer = Responder(_backend(config.lookup.backend), config.reply).respond(
-        Query(local.port, remote.port), ConnectionId(local, remote)
+        Query(local.port, remote.port), ConnectionId(local, remote), time.monotonic()
     )
     found = answer.found
     click.echo(f"connection: {local} (this host) <-> {remote} (querier)")

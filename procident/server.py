@@ -459,7 +459,7 @@ class Server:
             local=Endpoint(session.local, query.server_port),
             remote=Endpoint(session.peer.address, query.client_port),
         )
-        return self.responder.respond(query, conn)
+        return self.responder.respond(query, conn, self.clock())
 
     def _queue(self, session: Session, line: bytes) -> None:
         # The idle timer restarts after each reply (PROTOCOL.md).

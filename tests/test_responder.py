@@ -11,7 +11,7 @@ from conftest import DictBackend
 from procident.config import ReplyConfig
 from procident.lookup import ConnectionId, Endpoint, Found, LookupFailed, SocketEntry, TcpState
 from procident.protocol import Query
-from procident.responder import Responder, passwd_name
+from procident.responder import Responder, UserNames, passwd_name
 
 LOCAL = Endpoint(ipaddress.IPv6Address("2001:db8::1"), 40001)
 REMOTE = Endpoint(ipaddress.IPv6Address("2001:db8::7"), 6667)
@@ -30,39 +30,39 @@ def responder(table, config: ReplyConfig | None = None, listening=frozenset()) -
 
 def test_answers_with_login_name() -> None:
     """A live socket is answered with its owner's name, and the answer keeps the evidence."""
-    answer = responder({CONN: entry(1000)}).respond(QUERY, CONN)
+    answer = responder({CONN: entry(1000)}).respond(QUERY, CONN, 0.0)
     assert answer.line == b"40001,6667:USERID:UNIX:alice\r\n"
     assert answer.owner is not None and answer.owner.uid == 1000 and answer.rule == "owner"
 
 
 def test_no_connection() -> None:
     """An absent connection is NO-USER."""
-    assert responder({}).respond(QUERY, CONN).line == b"40001,6667:ERROR:NO-USER\r\n"
+    assert responder({}).respond(QUERY, CONN, 0.0).line == b"40001,6667:ERROR:NO-USER\r\n"
 
 
 def test_uid_zero_inode_zero_is_never_root() -> None:
     """A socket nobody holds (uid 0, inode 0) is NO-USER, never root."""
     answer = Responder(DictBackend({CONN: entry(0, inode=0)}), ReplyConfig(), passwd_name).respond(
-        QUERY, CONN
+        QUERY, CONN, 0.0
     )
     assert answer.line == b"40001,6667:ERROR:NO-USER\r\n" and answer.owner is None
 
 
 def test_unknown_uid_numeric() -> None:
     """A uid without a passwd entry is sent as a number with OS OTHER."""
-    answer = responder({CONN: entry(3_000_000_000)}).respond(QUERY, CONN)
+    answer = responder({CONN: entry(3_000_000_000)}).respond(QUERY, CONN, 0.0)
     assert answer.line == b"40001,6667:USERID:OTHER:3000000000\r\n"
 
 
 def test_mask_errors() -> None:
     """With mask_errors, NO-USER goes out as UNKNOWN-ERROR."""
-    answer = responder({}, ReplyConfig(mask_errors=True)).respond(QUERY, CONN)
+    answer = responder({}, ReplyConfig(mask_errors=True)).respond(QUERY, CONN, 0.0)
     assert answer.line == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n"
 
 
 def test_inbound_hidden() -> None:
     """A connection to a listening port is HIDDEN-USER by default."""
-    answer = responder({CONN: entry(1000)}, listening=frozenset({40001})).respond(QUERY, CONN)
+    answer = responder({CONN: entry(1000)}, listening=frozenset({40001})).respond(QUERY, CONN, 0.0)
     assert answer.line == b"40001,6667:ERROR:HIDDEN-USER\r\n" and answer.rule == "reply.inbound"
 
 
@@ -79,7 +79,7 @@ class FailingBackend:
 def test_lookup_failure_is_unknown_error(caplog: pytest.LogCaptureFixture) -> None:
     """A lookup that could not look is UNKNOWN-ERROR, and its cause is logged."""
     answer = Responder(FailingBackend(LookupFailed("table gone")), ReplyConfig()).respond(
-        QUERY, CONN
+        QUERY, CONN, 0.0
     )
     assert answer.line == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n" and answer.rule == "lookup-failed"
     assert "table gone" in caplog.text
@@ -88,7 +88,9 @@ def test_lookup_failure_is_unknown_error(caplog: pytest.LogCaptureFixture) -> No
 def test_unexpected_exception_is_logged_with_traceback(caplog: pytest.LogCaptureFixture) -> None:
     """Any surprise becomes UNKNOWN-ERROR and a logged traceback, not a crash."""
     with caplog.at_level(logging.ERROR):
-        answer = Responder(FailingBackend(RuntimeError("boom")), ReplyConfig()).respond(QUERY, CONN)
+        answer = Responder(FailingBackend(RuntimeError("boom")), ReplyConfig()).respond(
+            QUERY, CONN, 0.0
+        )
     assert answer.line == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n" and answer.rule == "internal-error"
     (record,) = caplog.records
     assert record.exc_info is not None and "RuntimeError: boom" in caplog.text
@@ -96,7 +98,7 @@ def test_unexpected_exception_is_logged_with_traceback(caplog: pytest.LogCapture
 
 def test_invalid_user_id_never_reaches_the_wire(caplog: pytest.LogCaptureFixture) -> None:
     """A name with LF is caught by the validator: UNKNOWN-ERROR, not an injected line."""
-    answer = responder({CONN: entry(1001)}).respond(QUERY, CONN)
+    answer = responder({CONN: entry(1001)}).respond(QUERY, CONN, 0.0)
     assert answer.line == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n"
     assert b"mallory" not in answer.line and "contains LF" in caplog.text
 
@@ -105,3 +107,38 @@ def test_passwd_name() -> None:
     """Names come from passwd; a uid without an entry has none."""
     assert passwd_name(0) == "root"
     assert passwd_name(3_000_000_000) is None
+
+
+def test_names_are_cached_for_a_while() -> None:
+    """A uid's name is looked up once per NAME_TTL, absent names too; then looked up anew."""
+    calls: list[int] = []
+
+    def lookup(uid: int) -> str | None:
+        calls.append(uid)
+        return NAMES.get(uid)
+
+    names = UserNames(lookup, ttl=60)
+    assert [names.name(1000, now) for now in (0, 30, 59.9)] == ["alice"] * 3
+    assert names.name(77, 0) is None and names.name(77, 10) is None
+    assert calls == [1000, 77]
+    assert names.name(1000, 60) == "alice" and calls == [1000, 77, 1000]
+
+
+def test_name_cache_is_bounded() -> None:
+    """However many uids are asked about, the cache keeps at most `size` of them."""
+    names = UserNames(lambda uid: None, ttl=60, size=100)
+    for uid in range(10_000):
+        names.name(uid, 0)
+    assert len(names._names) == 100
+    assert set(names._names) == set(range(9_900, 10_000))  # the newest stay
+
+
+def test_responder_reuses_names() -> None:
+    """The responder asks passwd once for repeated queries about one owner."""
+    calls: list[int] = []
+    r = Responder(
+        DictBackend({CONN: entry(1000)}), ReplyConfig(), lambda uid: calls.append(uid) or "alice"
+    )
+    for now in range(5):
+        assert r.respond(QUERY, CONN, float(now)).line.endswith(b":alice\r\n")
+    assert calls == [1000]

@@ -162,10 +162,10 @@ class ExplodingResponder:
         self.inner = Responder(DictBackend({}), config)
         self.batch = self.inner.batch
 
-    def respond(self, query: Query, conn: ConnectionId) -> Answer:
+    def respond(self, query: Query, conn: ConnectionId, now: float) -> Answer:
         if query.server_port == 666:
             raise RuntimeError("bug")
-        return self.inner.respond(query, conn)
+        return self.inner.respond(query, conn, now)
 
 
 def test_a_bug_costs_one_connection_not_the_loop(server_factory, caplog) -> None:
