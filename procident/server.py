@@ -367,6 +367,9 @@ class Server:
         self.per_client[key] = self.per_client.get(key, 0) + 1
         session.events = selectors.EVENT_READ
         self.selector.register(sock, session.events, functools.partial(self._on_event, session))
+        # Clients send their query right after connecting: read it now, in this turn
+        # (and its lookup batch), instead of a turn later.
+        self._on_event(session, selectors.EVENT_READ)
 
     def _refuse(self, sock: socket.socket, peer: Endpoint, limit: str) -> None:
         sock.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from procident.lookup import ConnectionId, Endpoint, LookupFailed, TcpState, normalize_address
-from procident.lookup.procfs import ProcfsBackend, find_in_tables, parse_table
+from procident.lookup.procfs import ProcfsBackend, Table, find_in_tables, parse_table
 
 DATA = Path(__file__).parent / "data"
 TCP4 = (DATA / "proc_net_tcp.txt").read_text()
@@ -220,9 +220,14 @@ def full_parse_find(conn: ConnectionId, tcp4: str, tcp6: str):
     return None if match is None else (match, listening)
 
 
-def test_text_search_equals_full_parse_on_every_pair() -> None:
-    """For every pair of endpoints in the fixtures, found or not, the raw-text search gives
-    exactly the answer of a full parse."""
+@pytest.mark.parametrize("shared", [False, True], ids=["search", "index"])
+def test_text_search_equals_full_parse_on_every_pair(shared: bool) -> None:
+    """For every pair of endpoints in the fixtures, found or not, the lookup gives exactly
+    the answer of a full parse: by raw search on a fresh read, and through the index that
+    a read builds once it serves more than one lookup."""
+    tcp4, tcp6 = (
+        (Table(TCP4, "/proc/net/tcp"), Table(TCP6, "/proc/net/tcp6")) if shared else (TCP4, TCP6)
+    )
     entries = list(parse_table(TCP4, "", "little")) + list(parse_table(TCP6, "", "little"))
     ends = {
         Endpoint(normalize_address(e.address), e.port) for x in entries for e in (x.local, x.remote)
@@ -234,7 +239,7 @@ def test_text_search_equals_full_parse_on_every_pair() -> None:
             if local.address.version != remote.address.version or not (local.port and remote.port):
                 continue
             c = ConnectionId(local, remote)
-            fast = find_in_tables(c, TCP4, TCP6, byteorder="little")
+            fast = find_in_tables(c, tcp4, tcp6, byteorder="little")
             assert (None if fast is None else (fast.entry, fast.inbound)) == full_parse_find(
                 c, TCP4, TCP6
             ), c

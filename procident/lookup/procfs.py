@@ -121,14 +121,60 @@ def _mapped(address: IPAddress) -> ipaddress.IPv6Address:
     return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed)
 
 
-def find_in_tables(
-    conn: ConnectionId, tcp4: str, tcp6: str, byteorder: str = sys.byteorder
-) -> Found | None:
-    """Find `conn` in the text of the two tables; all four values must match (RFC 1413 §3).
+class Table:
+    """One read of /proc/net/tcp or tcp6, searched by the kernel's spelling of endpoints.
 
-    Rather than parse every line, search the text for the kernel's own spelling
-    of the four values: a needle that starts with the "sl:" colon can only
-    match the local-address field, and only the lines found are parsed.
+    The first lookup searches the raw text, which costs less than indexing it for a
+    single query. A second lookup in the same read (queries that arrived in the same
+    loop turn) builds an index once, and every lookup after that is a dict access
+    instead of a scan of the whole text.
+    """
+
+    def __init__(self, text: str, source: str) -> None:
+        _check_header(text, source)
+        self.text = text
+        self.source = source
+        self._lookups = 0
+        self._rows: dict[str, list[str]] | None = None  # "LOCAL REMOTE" -> its lines
+        self._listening: set[str] = set()  # LOCAL of every listener
+
+    def start_lookup(self) -> None:
+        """Count a lookup; the second one builds the index."""
+        self._lookups += 1
+        if self._lookups == 2:
+            rows: dict[str, list[str]] = {}
+            for line in self.text.splitlines()[1:]:
+                fields = line.split(None, 4)
+                if len(fields) < 4:
+                    continue  # blank; a malformed row is reported when it is looked up
+                rows.setdefault(f"{fields[1]} {fields[2]}", []).append(line)
+                # A listener's remote end is all zeros and its state 0A (TCP_LISTEN).
+                if fields[3] == f"{TcpState.LISTEN:02X}" and set(fields[2]) <= {"0", ":"}:
+                    self._listening.add(fields[1])
+            self._rows = rows
+
+    def rows(self, local: str, remote: str) -> list[str]:
+        """The lines whose local and remote fields are these (kernel spelling)."""
+        if self._rows is not None:
+            return self._rows.get(f"{local} {remote}", [])
+        # Anchored on the "sl:" colon, the needle can only match the local field.
+        return list(_lines_with(self.text, f": {local} {remote} "))
+
+    def listening(self, local: str, nowhere: str) -> bool:
+        """Whether a listener is bound to `local` (its remote end being `nowhere`)."""
+        if self._rows is not None:
+            return local in self._listening
+        return f": {local} {nowhere} {TcpState.LISTEN:02X} " in self.text
+
+
+def find_in_tables(
+    conn: ConnectionId,
+    tcp4: str | Table,
+    tcp6: str | Table,
+    byteorder: str = sys.byteorder,
+) -> Found | None:
+    """Find `conn` in the two tables (their text, or Tables); all four values must match
+    (RFC 1413 §3). Only the lines that hold the connection are parsed.
 
     An IPv4 connection may sit in tcp6 as ::ffff:a.b.c.d when its socket is
     dual-stack. Among several matches (a TIME_WAIT ghost beside a new socket
@@ -137,32 +183,35 @@ def find_in_tables(
     wildcard that covers it; the IPv6 wildcard counts for IPv4 too, since /proc
     does not show IPV6_V6ONLY (which errs towards privacy).
     """
+    if isinstance(tcp4, str):
+        tcp4 = Table(tcp4, TCP4_PATH)
+    if isinstance(tcp6, str):
+        tcp6 = Table(tcp6, TCP6_PATH)
     local, remote, port = conn.local.address, conn.remote.address, conn.local.port
-    tables: list[tuple[str, str, IPAddress, IPAddress, tuple[IPAddress, ...], IPAddress]]
+    tables: list[tuple[Table, IPAddress, IPAddress, tuple[IPAddress, ...], IPAddress]]
     if local.version == 4:
         tables = [
-            (tcp4, TCP4_PATH, local, remote, (local, _IPV4_ANY), _IPV4_ANY),
-            (tcp6, TCP6_PATH, _mapped(local), _mapped(remote),
+            (tcp4, local, remote, (local, _IPV4_ANY), _IPV4_ANY),
+            (tcp6, _mapped(local), _mapped(remote),
              (_mapped(local), _IPV6_ANY, _mapped(_IPV4_ANY)), _IPV6_ANY),
         ]  # fmt: skip
     else:
-        tables = [(tcp6, TCP6_PATH, local, remote, (local, _IPV6_ANY), _IPV6_ANY)]
+        tables = [(tcp6, local, remote, (local, _IPV6_ANY), _IPV6_ANY)]
     match: SocketEntry | None = None
-    for text, source, here, there, _, _ in tables:
-        _check_header(text, source)
-        needle = f": {_hex(here, port, byteorder)} {_hex(there, conn.remote.port, byteorder)} "
-        for line in _lines_with(text, needle):
-            entry = parse_line(line, source, byteorder)
+    for table, here, there, _, _ in tables:
+        table.start_lookup()
+        rows = table.rows(_hex(here, port, byteorder), _hex(there, conn.remote.port, byteorder))
+        for line in rows:
+            entry = parse_line(line, table.source, byteorder)
             if match is None or (entry.owned and not match.owned):
                 match = entry
     if match is None:
         return None  # what scanners mostly ask: no listener search needed
-    listening = False
-    for text, _, _, _, listen_on, nowhere in tables:
-        # A listener's remote end is all zeros and its state 0A (TCP_LISTEN).
-        tail = f" {_hex(nowhere, 0, byteorder)} {TcpState.LISTEN:02X} "
-        if any(f": {_hex(address, port, byteorder)}{tail}" in text for address in listen_on):
-            listening = True
+    listening = any(
+        table.listening(_hex(address, port, byteorder), _hex(nowhere, 0, byteorder))
+        for table, _, _, listen_on, nowhere in tables
+        for address in listen_on
+    )
     return Found(match, inbound=listening)
 
 
@@ -174,7 +223,7 @@ class ProcfsBackend:
     def __init__(self, tcp4_path: str = TCP4_PATH, tcp6_path: str = TCP6_PATH) -> None:
         self.tcp4_path = tcp4_path
         self.tcp6_path = tcp6_path
-        self._batched: dict[str, str] | None = None  # path -> text, inside a batch
+        self._batched: dict[str, Table] | None = None  # path -> its read, inside a batch
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -190,19 +239,20 @@ class ProcfsBackend:
     def find(self, conn: ConnectionId) -> Found | None:
         """Look `conn` up in the kernel's tables."""
         ipv4 = conn.local.address.version == 4
-        # An IPv6 connection can only be in tcp6; an IPv4 one in either.
-        tcp4 = self._table(self.tcp4_path, required=True) if ipv4 else ""
-        tcp6 = self._table(self.tcp6_path, required=not ipv4)
         try:
+            # An IPv6 connection can only be in tcp6; an IPv4 one in either.
+            empty = Table("", TCP4_PATH)
+            tcp4 = self._table(self.tcp4_path, required=True) if ipv4 else empty
+            tcp6 = self._table(self.tcp6_path, required=not ipv4)
             return find_in_tables(conn, tcp4, tcp6)
         except ValueError as err:
             raise LookupFailed(f"cannot parse the kernel's socket table: {err}") from err
 
-    def _table(self, path: str, required: bool) -> str:
+    def _table(self, path: str, required: bool) -> Table:
         if self._batched is None:
-            return _read(path, required)
+            return Table(_read(path, required), path)
         if path not in self._batched:
-            self._batched[path] = _read(path, required)
+            self._batched[path] = Table(_read(path, required), path)
         return self._batched[path]
 
 
