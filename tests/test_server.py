@@ -262,3 +262,15 @@ def test_one_batch_per_turn(server_factory) -> None:
     assert {batch for batch, _ in backend.finds} == {backend.batches} and all(
         inside for _, inside in backend.finds
     )
+
+
+def test_query_read_in_the_turn_that_accepts_it(server_factory) -> None:
+    """A client that sends its query right after connecting is answered in the same loop
+    turn that accepts it, not a turn later."""
+    server, _ = server_factory()
+    client = connect(server)
+    client.send(b"1,1\r\n")
+    time.sleep(0.1)  # the query is in the kernel before the server's turn
+    server.step(timeout=1)
+    time.sleep(0.05)
+    assert received(client) == b"1,1:ERROR:NO-USER\r\n"
