@@ -528,54 +528,32 @@ def main() -> None:
 
 
 def report(results: dict[tuple[int, str, str], Result], sizes: list[int]) -> None:
-    def ratio(a: tuple[int, str, str], b: tuple[int, str, str], what: str) -> str:
-        if a in results and b in results:
-            return f"{results[a].throughput / results[b].throughput:7.3f}x  {what}"
-        return f"    n/a  {what}"
-
+    """The ratios the targets speak of, each between two measurements of this run."""
     small, large = min(sizes), max(sizes)
-    print("\nratios of throughput, each within this run:")
-    for workload in ("live", "absent"):
-        print(
-            "  "
-            + ratio(
-                (large, "procident netlink", workload),
-                (large, "oidentd", workload),
-                f"procident netlink / oidentd, N={large}, {workload}",
-            )
-        )
-    print(
-        "  "
-        + ratio(
-            (large, "procident netlink", "live"),
-            (small, "procident netlink", "live"),
-            f"procident netlink at N={large} / at N={small}, live",
-        )
-    )
-    print(
-        "  "
-        + ratio(
-            (large, "procident netlink", "live"),
-            (large, "constant reply", "live"),
-            f"procident netlink / constant-reply loop, N={large}, live",
-        )
-    )
     middle = 1000 if 1000 in sizes else large
-    print(
-        "  "
-        + ratio(
-            (middle, "procident procfs", "live"),
-            (middle, "oidentd", "live"),
-            f"procident procfs / oidentd, N={middle}, live",
-        )
-    )
-    for workload in ("live",):
-        a, b = (large, "procident netlink", workload), (large, "oidentd", workload)
+    netlink, procfs, constant, oidentd = (
+        "procident netlink", "procident procfs", "constant reply", "oidentd"
+    )  # fmt: skip
+    comparisons = [
+        ((large, netlink, "live"), (large, oidentd, "live")),
+        ((large, netlink, "absent"), (large, oidentd, "absent")),
+        ((large, netlink, "live"), (small, netlink, "live")),
+        ((large, netlink, "live"), (large, constant, "live")),
+        ((middle, procfs, "live"), (middle, oidentd, "live")),
+    ]
+    print("\nratios of throughput, each within this run:")
+    for a, b in comparisons:
+        what = f"{a[1]} at N={a[0]} / {b[1]} at N={b[0]}, {a[2]}"
         if a in results and b in results:
-            print(
-                f"  p99 latency, N={large}, {workload}: procident netlink {results[a].percentile(0.99):.2f} ms, "
-                f"oidentd {results[b].percentile(0.99):.2f} ms"
-            )
+            print(f"  {results[a].throughput / results[b].throughput:7.3f}x  {what}")
+        else:
+            print(f"      n/a  {what}")
+    a, b = (large, netlink, "live"), (large, oidentd, "live")
+    if a in results and b in results:
+        print(
+            f"  p99 latency, N={large}, live: {netlink} {results[a].percentile(0.99):.2f} ms, "
+            f"{oidentd} {results[b].percentile(0.99):.2f} ms"
+        )
 
 
 if __name__ == "__main__":
