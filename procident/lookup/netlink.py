@@ -53,6 +53,9 @@ _SOCKID_TAIL = struct.Struct("=III")
 _MSG_HEAD = struct.Struct("=BBBB")
 _MSG_TAIL = struct.Struct("=IIIII")
 _ERROR = struct.Struct("=i")
+# A remote end no connection can have (address unspecified, port 0).
+_NOWHERE4 = Endpoint(ipaddress.IPv4Address("0.0.0.0"), 0)
+_NOWHERE6 = Endpoint(ipaddress.IPv6Address("::"), 0)
 _MSG_SIZE = _MSG_HEAD.size + _SOCKID_ADDRESSES.size + _SOCKID_TAIL.size + _MSG_TAIL.size
 
 
@@ -149,7 +152,7 @@ class NetlinkBackend:
             return None
         # Is there a listener on the local port? Ask for a remote end no
         # connection can have: the kernel falls back to the listener, if any.
-        nowhere = Endpoint(ipaddress.ip_address(0 if conn.local.address.version == 4 else "::"), 0)
+        nowhere = _NOWHERE4 if conn.local.address.version == 4 else _NOWHERE6
         listener = self._ask(conn.local, nowhere)
         return Found(entry, inbound=listener is not None and listener.state == TcpState.LISTEN)
 

@@ -241,8 +241,7 @@ class ProcfsBackend:
         ipv4 = conn.local.address.version == 4
         try:
             # An IPv6 connection can only be in tcp6; an IPv4 one in either.
-            empty = Table("", TCP4_PATH)
-            tcp4 = self._table(self.tcp4_path, required=True) if ipv4 else empty
+            tcp4 = self._table(self.tcp4_path, required=True) if ipv4 else Table("", TCP4_PATH)
             tcp6 = self._table(self.tcp6_path, required=not ipv4)
             return find_in_tables(conn, tcp4, tcp6)
         except ValueError as err:
