@@ -209,7 +209,9 @@ def procident_server(backend: str, workdir: str) -> Server:
     with open(config, "w") as file:
         file.write(
             f'[lookup]\nbackend = "{backend}"\n'
+            # The load comes from one address: no per-client rate limit (oidentd has none).
             "[limits]\nmax_connections = 4096\nper_client_connections = 4096\n"
+            "per_client_rate = 0\n"
         )
     os.chmod(config, 0o644)  # readable after the drop to nobody
     args = [sys.executable, "-m", "procident", "serve", "--config", config]

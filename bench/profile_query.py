@@ -36,7 +36,7 @@ def main(n: int) -> None:
     log.addHandler(logging.StreamHandler(io.StringIO()))  # format every line, keep none
     config = replace(Config(), limits=LimitsConfig(per_client_connections=100))
     listen = (Endpoint(ipaddress.IPv4Address("127.0.0.1"), 0),)
-    server = Server(config, Responder(NetlinkBackend(), config.reply), open_listeners(listen))
+    server = Server(config, Responder(NetlinkBackend(), config), open_listeners(listen))
     address = server.listeners[0].getsockname()
     service = socket.socket()
     service.bind(("127.0.0.1", 0))

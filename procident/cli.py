@@ -6,10 +6,13 @@ never a traceback.
 
 from __future__ import annotations
 
+import datetime
 import errno
 import logging
 import logging.handlers
 import os
+import pwd
+import selectors
 import socket
 import sys
 import time
@@ -29,6 +32,17 @@ from procident.config import (
     with_listen,
     with_log,
 )
+from procident.forward import ForwardClient, ForwardFailed
+from procident.homes import (
+    ABSENT,
+    CONTENT,
+    PRESENT,
+    USER_FILES,
+    FileState,
+    HomeHelper,
+    read_home_files,
+    user_files_from,
+)
 from procident.lookup import (
     Backend,
     ConnectionId,
@@ -45,8 +59,10 @@ from procident.process import (
     write_pid_file,
 )
 from procident.protocol import ErrorReply, Query, UserIdReply, parse_reply
-from procident.responder import Responder
+from procident.responder import Accounts, Answer, FileReader, Responder, passwd_name
 from procident.server import ListenError, Server, describe_owner, open_listeners
+from procident.tokens import TokenError, TokenMaker, add_key, load_keys
+from procident.userfiles import Choice
 
 DEFAULT_CONFIG_PATH = "/etc/procident.toml"
 EXIT_NO_ANSWER = 3  # `query`: no valid reply came back
@@ -198,9 +214,21 @@ def serve(
             raise click.ClickException(
                 f"cannot write pid file {pid_file}: {err.strerror}"
             ) from None
+    tokens = _token_maker(config) if uses_tokens(config) else None
+    helper: HomeHelper | None = None
+    read_files: FileReader | None = None
+    if reads_user_files(config):
+        if os.geteuid() == 0 and not config.server.keep_root:
+            helper = HomeHelper()  # keeps root to read home directories; see homes.py
+            read_files = helper.read
+            log.info("user files are read by helper process %d", helper.pid)
+        else:
+            read_files = read_home_files
     try:
         log.info(drop_privileges(config.server.user, config.server.group, config.server.keep_root))
     except PrivilegeError as err:
+        if helper is not None:
+            helper.close()
         raise click.ClickException(str(err)) from None
 
     def reload() -> Config:
@@ -212,9 +240,13 @@ def serve(
             config.log.syslog_facility,
         ):
             log.warning("log.target and the syslog settings take effect at the next start")
+        if reads_user_files(new) and read_files is None:
+            log.warning("user files are read only if the configuration at start reads them")
         return new
 
-    server = Server(config, Responder(backend, config.reply), listeners, reload)
+    accounts = Accounts(config, read_files)
+    responder = Responder(backend, config, accounts=accounts, tokens=tokens)
+    server = Server(config, responder, listeners, reload)
     if ready is not None:
         ready()
     try:
@@ -222,7 +254,29 @@ def serve(
     finally:
         if pid_file:
             remove_pid_file(pid_file)
+        if helper is not None:
+            helper.close()
     log.info("stopped")
+
+
+def reads_user_files(config: Config) -> bool:
+    """Whether answers may depend on files in users' home directories."""
+    users = config.users
+    return users.noident or users.opt_in or any(rule.user_may for rule in config.rules)
+
+
+def uses_tokens(config: Config) -> bool:
+    """Whether a rule answers with audit tokens."""
+    return any(rule.action == "token" for rule in config.rules)
+
+
+def _token_maker(config: Config, key_file: str | None = None) -> TokenMaker:
+    path = key_file or config.tokens.key_file
+    try:
+        return TokenMaker(load_keys(path))
+    except TokenError as err:
+        hint = "" if os.path.exists(path) else f"; create it with: procident token-key {path}"
+        raise click.ClickException(f"tokens.key_file: {err}{hint}") from None
 
 
 # -- check-config -------------------------------------------------------------
@@ -230,13 +284,73 @@ def serve(
 
 @main.command("check-config")
 @click.argument("file", type=click.Path(dir_okay=False))
-def check_config(file: str) -> None:
-    """Check a configuration file; exit 0 if it is valid, 1 with the reason if not."""
+@click.option(
+    "-u",
+    "--user",
+    "user",
+    metavar="NAME",
+    help="Also read this user's files (~/.noident, ~/.procident.toml, ...) and show "
+    "what procident makes of them.",
+)
+def check_config(file: str, user: str | None) -> None:
+    """Check a configuration file; exit 0 if it is valid, 1 with the reason if not.
+
+    With --user, exit 1 also when one of the user's files cannot be used.
+    """
     try:
-        load_config(file)
+        config = load_config(file)
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"{file}: OK")
+    if user is None:
+        return
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        raise click.ClickException(f"no user named {user!r} on this host") from None
+    states = read_home_files(account.pw_uid, config.users.max_file_size)
+    files = user_files_from(states, config.users)
+    click.echo(f"user {user} (uid {account.pw_uid}), home {account.pw_dir}:")
+    for name in USER_FILES:
+        click.echo(f"  ~/{name}: {_describe_state(states.get(name, FileState(ABSENT)))}")
+    if files.choices is not None:
+        click.echo(f"  choices read from {files.choices.path}:")
+        for choice in (*files.choices.choices, files.choices.default):
+            if choice is not None:
+                click.echo(f"    {choice.where}: {_describe_choice(choice)}")
+    granted = [rule.name for rule in config.rules if rule.user_may]
+    if files.choices is not None and not granted:
+        click.echo("  note: no rule has user_may, so these choices are not used")
+    for problem in files.problems:
+        click.echo(f"  problem: {problem}", err=True)
+    if files.problems:
+        sys.exit(1)
+
+
+def _describe_state(state: FileState) -> str:
+    if state.status == ABSENT:
+        return "absent"
+    if state.status == PRESENT:
+        return "present"
+    if state.status == CONTENT:
+        return f"{len(state.data)} bytes"
+    return f"not used: {state.reason}"
+
+
+def _describe_choice(choice: Choice) -> str:
+    what = choice.action
+    if choice.reply:
+        what += " " + ", ".join(map(repr, choice.reply))
+    if choice.forward:
+        what += f" to {choice.forward}"
+    where = []
+    for label, networks in (("to", choice.clients), ("from", choice.local_addresses)):
+        if networks:
+            where.append(f"{label} {','.join(map(str, networks))}")
+    for label, ranges in (("fport", choice.client_ports), ("lport", choice.server_ports)):
+        if ranges:
+            where.append(f"{label} {','.join(f'{a}-{b}' if a != b else str(a) for a, b in ranges)}")
+    return f"{what} for {' '.join(where)}" if where else f"{what} (any connection)"
 
 
 # -- lookup -----------------------------------------------------------------
@@ -263,9 +377,13 @@ def lookup(local: Endpoint, remote: Endpoint, config_path: str | None) -> None:
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
     setup_logging(LogConfig(level="warning"))
-    answer = Responder(_backend(config.lookup.backend), config.reply).respond(
-        Query(local.port, remote.port), ConnectionId(local, remote), time.monotonic()
-    )
+    tokens = _token_maker(config) if uses_tokens(config) else None
+    accounts = Accounts(config, read_home_files)
+    responder = Responder(_backend(config.lookup.backend), config, accounts=accounts, tokens=tokens)
+    query = Query(local.port, remote.port)
+    answer = responder.respond(query, ConnectionId(local, remote), time.monotonic(), True)
+    if answer.forward is not None:
+        answer = _forward_now(responder, query, answer, config.forward.timeout)
     found = answer.found
     click.echo(f"connection: {local} (this host) <-> {remote} (querier)")
     if found is None:
@@ -281,8 +399,96 @@ def lookup(local: Endpoint, remote: Endpoint, config_path: str | None) -> None:
         click.echo("owner:      none: no process holds this socket")
     elif answer.owner is not None:
         click.echo(f"owner:      {describe_owner(answer)}")
+    for step in answer.trace:
+        click.echo(f"policy:     {step}")
     click.echo(f"rule:       {answer.rule}")
-    click.echo(f"reply:      {answer.line.decode('utf-8', 'backslashreplace').rstrip()}")
+    line = answer.line or b""
+    click.echo(f"reply:      {line.decode('utf-8', 'backslashreplace').rstrip()}")
+
+
+def _forward_now(responder: Responder, query: Query, answer: Answer, timeout: float) -> Answer:
+    """Carry out a forward while the command waits (the daemon does it in its loop)."""
+    assert answer.forward is not None
+    deadline = time.monotonic() + timeout
+    line: bytes | None = None
+    failure = ""
+    try:
+        client = ForwardClient(answer.forward.target, query)
+    except ForwardFailed as err:
+        return responder.finish_forward(query, answer, None, str(err))
+    with selectors.DefaultSelector() as selector:
+        selector.register(client.sock, client.events)
+        try:
+            while line is None:
+                left = deadline - time.monotonic()
+                events = selector.select(left) if left > 0 else []
+                if not events:
+                    failure = f"no answer in {timeout:g}s"
+                    break
+                line = client.handle(events[0][1])
+                selector.modify(client.sock, client.events)
+        except ForwardFailed as err:
+            failure = str(err)
+        finally:
+            selector.unregister(client.sock)
+            client.close()
+    final = responder.finish_forward(query, answer, line, failure)
+    return Answer(final.line, final.reply, final.rule, final.found, final.owner, None, answer.trace)
+
+
+# -- tokens -------------------------------------------------------------------
+
+
+def _key_file(key_file: str | None, config_path: str | None) -> str:
+    if key_file:
+        return key_file
+    try:
+        return config_loader(config_path, (), None, None)().tokens.key_file
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
+
+
+@main.command("token-key")
+@click.argument("key_file", required=False, type=click.Path(dir_okay=False))
+@click.option(
+    "-c", "--config", "config_path", type=click.Path(dir_okay=False), help="As for serve."
+)
+def token_key(key_file: str | None, config_path: str | None) -> None:
+    """Add a new key to the token key file (tokens.key_file unless KEY_FILE is given),
+    creating it with mode 0600. New tokens use the newest key once procident restarts;
+    older keys stay in the file, so older tokens can still be decoded."""
+    path = _key_file(key_file, config_path)
+    try:
+        key_id = add_key(path)
+    except TokenError as err:
+        raise click.ClickException(str(err)) from None
+    except OSError as err:
+        raise click.ClickException(f"{path}: cannot write: {err.strerror}") from None
+    click.echo(f"{path}: added key {key_id}; restart procident to make tokens with it")
+
+
+@main.command("decode-token")
+@click.argument("token")
+@click.option("-k", "--key-file", type=click.Path(dir_okay=False), help="tokens.key_file.")
+@click.option(
+    "-c", "--config", "config_path", type=click.Path(dir_okay=False), help="As for serve."
+)
+def decode_token(token: str, key_file: str | None, config_path: str | None) -> None:
+    """Say whose connection an audit token stands for: uid, time and connection.
+
+    Exit 1 when the token was not made with a key in the key file, or was altered.
+    """
+    path = _key_file(key_file, config_path)
+    try:
+        facts = TokenMaker(load_keys(path)).read(token)
+    except TokenError as err:
+        raise click.ClickException(str(err)) from None
+    when = datetime.datetime.fromtimestamp(facts.time, datetime.timezone.utc)
+    name = passwd_name(facts.uid)
+    click.echo(f"uid:        {facts.uid}" + (f" ({name})" if name else " (no passwd entry)"))
+    click.echo(f"time:       {when.isoformat()}")
+    click.echo(f"connection: {facts.conn.local} (this host) <-> {facts.conn.remote} (querier)")
+    click.echo(f"key:        {facts.key_id}")
 
 
 # -- query --------------------------------------------------------------------

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from procident.lookup import Endpoint
-from procident.protocol import ReplyError, check_token
+from procident.protocol import ReplyError, check_token, check_user_id
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,6 +25,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 T = TypeVar("T")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+PortRange = tuple[int, int]  # low, high; both included
 
 
 class ConfigError(Exception):
@@ -52,6 +54,10 @@ class LimitsConfig:
     max_connections: int = 256
     per_client_connections: int = 8
     max_queries_per_connection: int = 20
+    per_client_rate: float = 10.0  # queries per second, sustained; 0: no limit
+    per_client_burst: int = 100
+    over_limit: str = "error"  # or "close"
+    clients_tracked: int = 65536  # the rate limiter's table holds at most this many clients
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +70,70 @@ class ReplyConfig:
     unknown_uid: str = "numeric"  # or "no-user"
     inbound: str = "hide"  # or "no-user", "answer"
     mask_errors: bool = False
+    reply_all: str = ""  # one id for every well-formed query, no lookup; empty: off
+    fallback: str = ""  # id for connections not found or lookups that fail; empty: off
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One [[rules]] entry: what it matches, and what to answer.
+
+    An empty match field matches anything. users, uids and groups together name
+    the owners the rule is for (any of them); every other field given must
+    match too.
+    """
+
+    name: str
+    action: str
+    users: frozenset[str] = frozenset()
+    uids: tuple[PortRange, ...] = ()  # uid ranges
+    groups: frozenset[str] = frozenset()
+    clients: tuple[IPNetwork, ...] = ()
+    local_addresses: tuple[IPNetwork, ...] = ()
+    server_ports: tuple[PortRange, ...] = ()
+    client_ports: tuple[PortRange, ...] = ()
+    inbound: bool = False  # the rule is for inbound connections (and only for them)
+    reply: tuple[str, ...] = ()  # action "reply": one of these, at random
+    os: str = ""  # empty: [reply] os for login names, other_os for the rest
+    charset: str = ""
+    forward: Endpoint | None = None
+    user_may: frozenset[str] = frozenset()  # what the owner's own file may choose
+
+
+DEFAULT_RULES = (Rule(name="rules[0]", action="hide", users=frozenset({"root"})),)
+
+
+@dataclass(frozen=True, slots=True)
+class UsersConfig:
+    """[users]: what the owners of connections may say about their replies."""
+
+    noident: bool = False  # a ~/.noident file hides its owner
+    opt_in: bool = False  # answer only for owners who have a ~/.ident file
+    oidentd_files: bool = True  # read ~/.oidentd.conf where a rule lets users choose
+    max_file_size: int = 16384
+    cache_seconds: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class AccessConfig:
+    """[access]: which clients may ask at all."""
+
+    allow: tuple[IPNetwork, ...] = ()  # empty: every client not denied
+    deny: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TokensConfig:
+    """[tokens]: the key of action "token"."""
+
+    key_file: str = "/var/lib/procident/token.key"
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardConfig:
+    """[forward]: asking a local application's ident server (action "forward")."""
+
+    timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +162,11 @@ class Config:
     reply: ReplyConfig = field(default_factory=ReplyConfig)
     lookup: LookupConfig = field(default_factory=LookupConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    users: UsersConfig = field(default_factory=UsersConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
+    rules: tuple[Rule, ...] = DEFAULT_RULES
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -99,6 +174,28 @@ LOG_TARGETS = ("stderr", "syslog")
 UNKNOWN_UID_ACTIONS = ("numeric", "no-user")
 INBOUND_ACTIONS = ("hide", "no-user", "answer")
 LOOKUP_BACKENDS = ("auto", "netlink", "procfs")
+OVER_LIMIT_ACTIONS = ("error", "close")
+ACTIONS = (
+    "real",
+    "numeric",
+    "hide",
+    "no-user",
+    "reply",
+    "random",
+    "random-numeric",
+    "token",
+    "forward",
+    "deny",
+)
+CAPABILITIES = (
+    "spoof",
+    "spoof_all",
+    "spoof_privport",
+    "hide",
+    "random",
+    "numeric",
+    "forward",
+)
 SYSLOG_FACILITIES = tuple(sorted(logging.handlers.SysLogHandler.facility_names))
 
 
@@ -131,6 +228,17 @@ def _integer(low: int, high: int) -> Callable[[object], int]:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ValueError(f"must be a whole number from {low} to {high}, not {value!r}")
         return value
+
+    return check
+
+
+def _number(low: float, high: float) -> Callable[[object], float]:
+    def check(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number from {low:g} to {high:g}, not {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"must be a number from {low:g} to {high:g}, not {value!r}")
+        return float(value)
 
     return check
 
@@ -174,6 +282,91 @@ def _token(what: str, empty_ok: bool = False) -> Callable[[object], str]:
     return check
 
 
+def _user_id(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {value!r}")
+    try:
+        check_user_id(value)
+    except ReplyError as err:
+        raise ValueError(f"{value!r} cannot be sent: {err}") from None
+    return value
+
+
+def _optional_user_id(value: object) -> str:
+    return "" if value == "" else _user_id(value)
+
+
+def _list_of(check: Callable[[object], T], what: str) -> Callable[[object], tuple[T, ...]]:
+    """A list whose items each pass `check`; the error names the item's index."""
+
+    def check_list(value: object) -> tuple[T, ...]:
+        if not isinstance(value, list):
+            raise ValueError(f"must be a list of {what}, not {value!r}")
+        items: list[T] = []
+        for index, item in enumerate(value):
+            try:
+                items.append(check(item))
+            except ValueError as err:
+                raise ValueError(f"[{index}]: {err}") from None
+        return tuple(items)
+
+    return check_list
+
+
+def parse_network(text: str) -> IPNetwork:
+    """An address or CIDR network: 198.51.100.0/24, 2001:db8::/32, 192.0.2.7."""
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError as err:
+        try:
+            loose = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an IP address or network: {err}") from None
+        raise ValueError(f"{text!r} has host bits set; did you mean {str(loose)!r}?") from None
+
+
+def _network(value: object) -> IPNetwork:
+    if not isinstance(value, str):
+        raise ValueError(f'must be a string such as "198.51.100.0/24", not {value!r}')
+    return parse_network(value)
+
+
+def parse_range(text: str, high: int, what: str) -> PortRange:
+    """N or LOW-HIGH, both numbers from 0 (1 for ports) to `high`."""
+    low_text, dash, high_text = text.partition("-")
+    bounds = []
+    for part in (low_text, high_text) if dash else (low_text,):
+        part = part.strip()
+        if not (part.isascii() and part.isdigit() and len(part) <= 10):
+            raise ValueError(f"{text!r} is not a {what} or a range LOW-HIGH")
+        bounds.append(int(part))
+    low, top = bounds[0], bounds[-1]
+    least = 1 if what == "port" else 0
+    if not least <= low <= top <= high:
+        raise ValueError(f"{text!r} is not a {what} range from {least} to {high}, low first")
+    return low, top
+
+
+def _range(high: int, what: str) -> Callable[[object], PortRange]:
+    def check(value: object) -> PortRange:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise ValueError(f'must be a {what} or a string "LOW-HIGH", not {value!r}')
+        return parse_range(value, high, what)
+
+    return check
+
+
+def _address(value: object) -> Endpoint:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string ADDRESS:PORT, not {value!r}")
+    endpoint = parse_endpoint(value)
+    if endpoint.port == 0:
+        raise ValueError(f"{value!r}: port 0 cannot be asked")
+    return endpoint
+
+
 def _path(value: object) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise ValueError(f"must be an absolute path, not {value!r}")
@@ -209,6 +402,10 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, Callable[[Any], Any]]]] = {
             "max_connections": _integer(1, 65536),
             "per_client_connections": _integer(1, 65536),
             "max_queries_per_connection": _integer(1, 10000),
+            "per_client_rate": _number(0, 1e6),
+            "per_client_burst": _integer(1, 1000000),
+            "over_limit": _choice(*OVER_LIMIT_ACTIONS),
+            "clients_tracked": _integer(16, 10000000),
         },
     ),
     "reply": (
@@ -220,9 +417,30 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, Callable[[Any], Any]]]] = {
             "unknown_uid": _choice(*UNKNOWN_UID_ACTIONS),
             "inbound": _choice(*INBOUND_ACTIONS),
             "mask_errors": _boolean,
+            "reply_all": _optional_user_id,
+            "fallback": _optional_user_id,
         },
     ),
     "lookup": (LookupConfig, {"backend": _choice(*LOOKUP_BACKENDS)}),
+    "users": (
+        UsersConfig,
+        {
+            "noident": _boolean,
+            "opt_in": _boolean,
+            "oidentd_files": _boolean,
+            "max_file_size": _integer(64, 65536),
+            "cache_seconds": _integer(0, 3600),
+        },
+    ),
+    "access": (
+        AccessConfig,
+        {
+            "allow": _list_of(_network, "networks"),
+            "deny": _list_of(_network, "networks"),
+        },
+    ),
+    "tokens": (TokensConfig, {"key_file": _path}),
+    "forward": (ForwardConfig, {"timeout": _number(0.1, 60)}),
     "log": (
         LogConfig,
         {
@@ -241,12 +459,94 @@ def _unknown(key: str, known: list[str], where: str) -> str:
     return f"{where}: unknown key{hint}"
 
 
+MAX_UID = 2**32 - 1
+_RULE_KEYS: dict[str, Callable[[Any], Any]] = {
+    "name": _name,
+    "users": _list_of(_name, "user names"),
+    "uids": _list_of(_range(MAX_UID, "uid"), "uids"),
+    "groups": _list_of(_name, "group names"),
+    "clients": _list_of(_network, "networks"),
+    "local_addresses": _list_of(_network, "networks"),
+    "server_ports": _list_of(_range(65535, "port"), "ports"),
+    "client_ports": _list_of(_range(65535, "port"), "ports"),
+    "inbound": _boolean,
+    "action": _choice(*ACTIONS),
+    "reply": lambda value: _list_of(_user_id, "user ids")(
+        [value] if isinstance(value, str) else value
+    ),
+    "os": _token("OS token"),
+    "charset": _token("charset"),
+    "forward": _address,
+    "user_may": _list_of(_choice(*CAPABILITIES), "capabilities"),
+}
+_SETS = ("users", "groups", "user_may")
+# Actions that name nobody: the owner's own files cannot turn them into a reply.
+CONCEALING = ("hide", "no-user", "deny")
+MAX_REPLIES = 255
+
+
+def _parse_rule(table: object, path: str) -> Rule:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: must be a table [[rules]]")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in _RULE_KEYS:
+            raise ConfigError(_unknown(key, list(_RULE_KEYS), f"{path}.{key}"))
+        try:
+            checked = _RULE_KEYS[key](value)
+        except ValueError as err:
+            reason = str(err)
+            sep = "" if reason.startswith("[") else ": "
+            raise ConfigError(f"{path}.{key}{sep}{reason}") from None
+        values[key] = frozenset(checked) if key in _SETS else checked
+    action = values.get("action")
+    if action is None:
+        raise ConfigError(f"{path}: has no action (one of {', '.join(ACTIONS)})")
+    for key, needed_by in (("reply", "reply"), ("forward", "forward")):
+        if key in values and action != needed_by:
+            raise ConfigError(f'{path}.{key}: is used only with action = "{needed_by}"')
+        if key not in values and action == needed_by:
+            raise ConfigError(f'{path}: action = "{needed_by}" needs the key {key!r}')
+    replies = values.get("reply", ())
+    if action == "reply" and not 1 <= len(replies) <= MAX_REPLIES:
+        raise ConfigError(f"{path}.reply: must hold 1 to {MAX_REPLIES} ids")
+    if values.get("user_may") and action in CONCEALING:
+        raise ConfigError(
+            f'{path}.user_may: a rule with action = "{action}" names nobody, '
+            "so there is nothing for users to choose"
+        )
+    values.setdefault("name", path)
+    return Rule(**values)
+
+
+def _parse_rules(value: object, source: str) -> tuple[Rule, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: rules: must be an array of tables [[rules]]")
+    rules: list[Rule] = []
+    names: set[str] = set()
+    for index, table in enumerate(value):
+        path = f"rules[{index}]"
+        try:
+            rule = _parse_rule(table, path)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        if rule.name in names:
+            raise ConfigError(f"{source}: {path}.name: {rule.name!r} names an earlier rule too")
+        names.add(rule.name)
+        rules.append(rule)
+    return tuple(rules)
+
+
 def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Turn parsed TOML into a Config; ConfigError names the key and the reason."""
     sections: dict[str, Any] = {}
     for name, table in data.items():
+        if name == "rules":
+            sections["rules"] = _parse_rules(table, source)
+            continue
         if name not in _SECTIONS:
-            raise ConfigError(f"{source}: {_unknown(name, list(_SECTIONS), name)}")
+            known = [*_SECTIONS, "rules"]
+            raise ConfigError(f"{source}: {_unknown(name, known, name)}")
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: {name}: must be a table [{name}]")
         cls, checkers = _SECTIONS[name]

@@ -6,29 +6,64 @@ answered UNKNOWN-ERROR; a failing lookup never stops the daemon.
 
 from __future__ import annotations
 
+import contextlib
+import grp
 import logging
+import os
 import pwd
+import random
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from procident import policy
-from procident.config import ReplyConfig
-from procident.lookup import Backend, ConnectionId, Found, LookupFailed
-from procident.protocol import Query, Reply, format_reply
+from procident.config import Config, ReplyConfig
+from procident.homes import FileState, user_files_from
+from procident.lookup import Backend, ConnectionId, Endpoint, Found, LookupFailed
+from procident.protocol import (
+    ErrorReply,
+    Query,
+    Reply,
+    ReplyError,
+    UserIdReply,
+    format_reply,
+    parse_reply,
+)
+from procident.tokens import TokenError, TokenMaker
+from procident.userfiles import UserFiles
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """A query to pass on to an application's ident server before answering."""
+
+    target: Endpoint
+    decision: policy.Decision
+    conn: ConnectionId
+    owner: policy.Owner
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """What was decided for one query, and why."""
+    """What was decided for one query, and why.
 
-    line: bytes  # the reply line as sent, CR LF included
-    reply: Reply
+    line is None while a forward is outstanding: the server asks `forward.target`
+    and calls Responder.finish_forward with what came back.
+    """
+
+    line: bytes | None  # the reply line as sent, CR LF included
+    reply: Reply | None
     rule: str
     found: Found | None = None
     owner: policy.Owner | None = None
+    forward: Forward | None = None
+    trace: tuple[str, ...] = field(default=(), compare=False)
 
 
 def passwd_name(uid: int) -> str | None:
@@ -39,18 +74,70 @@ def passwd_name(uid: int) -> str | None:
         return None
 
 
+def account_groups(name: str) -> frozenset[str]:
+    """The names of the groups of account `name`, primary and supplementary."""
+    try:
+        gid = pwd.getpwnam(name).pw_gid
+    except KeyError:
+        return frozenset()
+    names = set()
+    for group in _group_ids(name, gid):
+        with contextlib.suppress(KeyError):
+            names.add(grp.getgrgid(group).gr_name)
+    return frozenset(names)
+
+
+def _group_ids(name: str, gid: int) -> list[int]:
+    try:
+        return os.getgrouplist(name, gid)
+    except OSError:
+        return [gid]
+
+
+def is_account(name: str) -> bool:
+    """Whether passwd has an account of that name."""
+    try:
+        pwd.getpwnam(name)
+    except (KeyError, ValueError):
+        return False
+    return True
+
+
 NAME_TTL = 60.0  # seconds a uid's name (or its absence) is reused
 NAME_CACHE_SIZE = 4096  # uids remembered at most
 
 
-class UserNames:
-    """uid -> login name, remembered for NAME_TTL seconds.
+class TimedCache(Generic[K, V]):
+    """key -> value, each remembered for `ttl` seconds; the oldest makes room when full.
 
-    An NSS lookup scans /etc/passwd (or asks a directory service) on every
-    call; on a host with many accounts that would be most of a query's cost.
-    A renamed or deleted account is therefore named the old way for up to
-    NAME_TTL seconds. Bounded: the oldest entry makes room for a new one.
+    NSS lookups scan /etc/passwd (or ask a directory service) on every call;
+    on a host with many accounts that would be most of a query's cost. A
+    renamed or deleted account is therefore named the old way for up to `ttl`.
     """
+
+    def __init__(
+        self, lookup: Callable[[K], V], ttl: float = NAME_TTL, size: int = NAME_CACHE_SIZE
+    ):
+        self.lookup = lookup
+        self.ttl = ttl
+        self.size = size
+        self._values: dict[K, tuple[V, float]] = {}  # key -> (value, expiry)
+
+    def get(self, key: K, now: float) -> V:
+        """The value for `key` as of `now`."""
+        cached = self._values.get(key)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        value = self.lookup(key)
+        self._values.pop(key, None)  # re-inserted last: the dict stays in expiry order
+        if len(self._values) >= self.size:
+            del self._values[next(iter(self._values))]
+        self._values[key] = (value, now + self.ttl)
+        return value
+
+
+class UserNames(TimedCache[int, "str | None"]):
+    """uid -> login name, remembered for NAME_TTL seconds."""
 
     def __init__(
         self,
@@ -58,54 +145,140 @@ class UserNames:
         ttl: float = NAME_TTL,
         size: int = NAME_CACHE_SIZE,
     ) -> None:
-        self.lookup = lookup
-        self.ttl = ttl
-        self.size = size
-        self._names: dict[int, tuple[str | None, float]] = {}  # uid -> (name, expiry)
+        super().__init__(lookup, ttl, size)
 
     def name(self, uid: int, now: float) -> str | None:
         """The login name of `uid` as of `now`, or None when passwd has no entry."""
-        cached = self._names.get(uid)
-        if cached is not None and now < cached[1]:
-            return cached[0]
-        name = self.lookup(uid)
-        self._names.pop(uid, None)  # re-inserted last: the dict stays in expiry order
-        if len(self._names) >= self.size:
-            del self._names[next(iter(self._names))]
-        self._names[uid] = (name, now + self.ttl)
-        return name
+        return self.get(uid, now)
+
+
+FileReader = Callable[[int, int], dict[str, FileState]]  # (uid, max size) -> states
+
+
+class Accounts:
+    """policy.Facts from passwd, group and the users' files, each cached for a while."""
+
+    def __init__(
+        self,
+        config: Config,
+        read_files: FileReader | None = None,
+        groups: Callable[[str], frozenset[str]] = account_groups,
+        account: Callable[[str], bool] = is_account,
+    ) -> None:
+        self.now = 0.0
+        self.read_files = read_files
+        self._groups = TimedCache(groups)
+        self._accounts = TimedCache(account)
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """Use a new configuration's [users] settings (forgetting files read before)."""
+        self.users = config.users
+        self._files: TimedCache[int, UserFiles] = TimedCache(
+            self._read, ttl=config.users.cache_seconds
+        )
+
+    def groups(self, owner: policy.Owner) -> frozenset[str]:
+        return self._groups.get(owner.name, self.now) if owner.name else frozenset()
+
+    def is_account(self, name: str) -> bool:
+        return self._accounts.get(name, self.now)
+
+    def user_files(self, owner: policy.Owner) -> UserFiles:
+        return self._files.get(owner.uid, self.now)
+
+    def _read(self, uid: int) -> UserFiles:
+        if self.read_files is None:
+            return UserFiles(problems=("user files are not read here",), unreadable=True)
+        try:
+            states = self.read_files(uid, self.users.max_file_size)
+        except Exception as err:  # the helper died or hangs: fail closed
+            log.error("cannot read the files of uid %d: %s", uid, err)
+            return UserFiles(problems=(f"cannot read: {err}",), unreadable=True)
+        files = user_files_from(states, self.users)
+        for problem in files.problems:
+            log.warning("uid %d: %s", uid, problem)
+        return files
 
 
 class Responder:
-    """Answers queries from a lookup backend and the [reply] settings."""
+    """Answers queries from a lookup backend and the configuration."""
 
     def __init__(
         self,
         backend: Backend,
-        config: ReplyConfig,
+        config: Config,
         user_name: Callable[[int], str | None] = passwd_name,
+        accounts: Accounts | None = None,
+        tokens: TokenMaker | None = None,
+        rng: random.Random | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.backend = backend
-        self.config = config
         self.names = UserNames(user_name)
+        self.accounts = accounts or Accounts(config)
+        self.tokens = tokens
+        # Random ids stand in for a person: they must not be predictable.
+        self.rng = rng or random.SystemRandom()
+        self.wall_clock = wall_clock
+        self.config = config
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self._config = config
+        self.accounts.configure(config)
 
     def batch(self) -> AbstractContextManager[None]:
         """A block whose lookups may share one read of the kernel's tables (a loop turn)."""
         return self.backend.batch()
 
-    def respond(self, query: Query, conn: ConnectionId, now: float) -> Answer:
+    def respond(
+        self, query: Query, conn: ConnectionId, now: float, explain: bool = False
+    ) -> Answer:
         """Decide and format the reply to `query` about `conn`, at monotonic time `now`."""
         found: Found | None = None
         owner: policy.Owner | None = None
+        config = self._config
+        reply_config = config.reply
         try:
-            found = self.backend.find(conn)
+            if reply_config.reply_all:
+                # One answer for every well-formed query: no lookup at all.
+                reply: Reply = UserIdReply(
+                    reply_config.reply_all, reply_config.other_os, reply_config.charset or None
+                )
+                line = format_reply(query.server_port, query.client_port, reply)
+                return Answer(line, reply, "reply.reply_all", trace=("[reply] reply_all is set",))
+            try:
+                found = self.backend.find(conn)
+            except LookupFailed as err:
+                if not reply_config.fallback:
+                    raise
+                log.error("lookup of %s failed: %s", _describe(conn), err)
+                reply = UserIdReply(
+                    reply_config.fallback, reply_config.other_os, reply_config.charset or None
+                )
+                line = format_reply(query.server_port, query.client_port, reply)
+                return Answer(line, reply, "reply.fallback")
             if found is not None and found.entry.owned:
                 uid = found.entry.uid
                 owner = policy.Owner(uid, self.names.name(uid, now))
-            decision = policy.decide(found, owner, self.config)
-            reply = policy.mask(decision.reply, self.config)
+            self.accounts.now = now
+            decision = policy.decide(conn, found, owner, config, self.accounts, self.rng, explain)
+            if decision.reply is None:
+                assert owner is not None
+                if decision.action == "forward" and decision.forward is not None:
+                    plan = Forward(decision.forward, decision, conn, owner)
+                    return Answer(None, None, decision.rule, found, owner, plan, decision.trace)
+                reply = self._token(decision, owner, conn)
+            else:
+                reply = decision.reply
+            reply = policy.mask(reply, reply_config)
             line = format_reply(query.server_port, query.client_port, reply)
-            return Answer(line, reply, decision.rule, found, owner)
+            return Answer(line, reply, decision.rule, found, owner, trace=decision.trace)
         except LookupFailed as err:
             log.error("lookup of %s failed: %s", _describe(conn), err)
             rule = "lookup-failed"
@@ -116,6 +289,93 @@ class Responder:
         return Answer(
             format_reply(query.server_port, query.client_port, reply), reply, rule, found, owner
         )
+
+    def _token(self, decision: policy.Decision, owner: policy.Owner, conn: ConnectionId) -> Reply:
+        if self.tokens is None:
+            raise TokenError(f"{decision.rule}: action token, but no token key is loaded")
+        token = self.tokens.make(owner.uid, self.wall_clock(), conn)
+        return UserIdReply(token, decision.os, self._config.reply.charset or None)
+
+    def finish_forward(
+        self, query: Query, answer: Answer, line: bytes | None, failure: str = ""
+    ) -> Answer:
+        """The answer to send once the forward of `answer` has its reply `line` (end of
+        line removed), or failed for the reason `failure`."""
+        plan = answer.forward
+        assert plan is not None
+        rule = answer.rule
+        try:
+            reply, note = forwarded_reply(
+                query, plan, line, failure, self.accounts, self._config.reply
+            )
+            reply = policy.mask(reply, self._config.reply)
+            out = format_reply(query.server_port, query.client_port, reply)
+        except Exception:
+            log.exception("unexpected error finishing a forward to %s", plan.target)
+            reply, note = policy.UNKNOWN_ERROR, "internal-error"
+            out = format_reply(query.server_port, query.client_port, reply)
+        return Answer(
+            out, reply, f"{rule} forward {plan.target}: {note}", answer.found, answer.owner
+        )
+
+
+def forwarded_reply(
+    query: Query,
+    plan: Forward,
+    line: bytes | None,
+    failure: str,
+    facts: policy.Facts,
+    config: ReplyConfig,
+) -> tuple[Reply, str]:
+    """What to send for a forward's result, and a note for the log.
+
+    The application's answer is read like any reply (protocol.parse_reply) and
+    must be about the same port pair; its id passes the one validator again
+    when formatted. When the forward was a user's choice, the id must also be
+    one the user may send (policy.check_spoof). A forward that fails gives
+    UNKNOWN-ERROR for a rule's forward; for a user's, HIDDEN-USER if the user
+    may hide, else the owner's name (as oidentd does).
+    """
+    decision = plan.decision
+    may = decision.capabilities
+    charset = config.charset or None
+    reply: Reply | None = None
+    note = failure
+    if line is not None and not failure:
+        try:
+            parsed = parse_reply(line)
+        except ValueError as err:
+            note = f"answer not understood: {err}"
+        else:
+            if (parsed.server_port, parsed.client_port) != (query.server_port, query.client_port):
+                note = "answer about another port pair"
+            elif isinstance(parsed.reply, str):
+                note = f"answer with an unknown error {parsed.reply[:40]!r}"
+            elif isinstance(parsed.reply, ErrorReply):
+                reply, note = parsed.reply, "answered"
+            else:
+                user_id = parsed.reply.user_id
+                refusal = ""
+                if may is not None:
+                    refusal = policy.check_spoof(user_id, plan.owner, plan.conn, may, facts)
+                try:
+                    format_reply(1, 1, UserIdReply(user_id, decision.os))
+                except ReplyError as err:
+                    refusal = str(err)
+                if refusal:
+                    note = f"answer {user_id[:40]!r} refused: {refusal}"
+                else:
+                    # The owner's login name goes as UNIX (or [reply] os); any other id as OTHER.
+                    opsys = config.os if user_id == plan.owner.name else decision.os
+                    reply, note = UserIdReply(user_id, opsys, charset), "answered"
+    if reply is None:
+        if may is None:
+            reply = policy.UNKNOWN_ERROR
+        elif "hide" in may or plan.owner.name is None:
+            reply = policy.HIDDEN_USER
+        else:
+            reply = UserIdReply(plan.owner.name, config.os, charset)
+    return reply, note or "failed"
 
 
 def _describe(conn: ConnectionId) -> str:

@@ -23,7 +23,9 @@ from dataclasses import replace
 from types import FrameType
 
 from procident.config import Config, ConfigError
+from procident.forward import ForwardClient, ForwardFailed
 from procident.lookup import ConnectionId, Endpoint, IPAddress, endpoint_from_sockaddr
+from procident.policy import UNKNOWN_ERROR, RateLimiter, allowed
 from procident.protocol import (
     ErrorReply,
     ErrorType,
@@ -51,8 +53,8 @@ ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE and the like
 REFUSAL_LOG_INTERVAL = 10.0
 MALFORMED_REPLY = format_reply(0, 0, ErrorReply(ErrorType.INVALID_PORT))
 # Sections bound at start: listeners and the account (root is gone by a
-# reload), and the lookup backend.
-RESTART_ONLY = ("server", "lookup")
+# reload), the lookup backend, and the token key (readable by root only).
+RESTART_ONLY = ("server", "lookup", "tokens")
 # accept() errors that mean "out of a resource": retrying at once would spin.
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # accept() errors about one connection that went away before we took it.
@@ -136,6 +138,7 @@ class Session:
         "closing",
         "eof",
         "events",
+        "forwarding",
     )
 
     def __init__(self, sock: socket.socket, peer: Endpoint, local: IPAddress, deadline: float):
@@ -150,7 +153,9 @@ class Session:
         self.queries = 0
         self.closing = False  # close once the output is sent
         self.eof = False  # the client will send nothing more
-        self.events = 0  # the selector events registered
+        self.events = 0  # the selector events registered (0: not registered)
+        # An answer waiting for an application's ident server: (client, query, answer).
+        self.forwarding: tuple[ForwardClient, Query, Answer] | None = None
 
 
 class Server:
@@ -175,9 +180,12 @@ class Server:
         # order when a session moves to the end (apply() keeps it on reload).
         self.sessions: OrderedDict[Session, None] = OrderedDict()
         self.per_client: dict[object, int] = {}
+        # Sessions waiting for a forward, in order of its deadline (one timeout for all).
+        self.forwards: OrderedDict[Session, float] = OrderedDict()
+        self.limiter = self._limiter(config)
         self.resume_accepting_at: float | None = None
-        self.refusals = 0
-        self.refusal_logged_at = float("-inf")
+        self.refusals: dict[str, int] = {}
+        self.refusal_logged_at: dict[str, float] = {}
         self.running = False
         self.signals: list[int] = []
         self._wakeup_r, self._wakeup_w = socket.socketpair()
@@ -237,6 +245,8 @@ class Server:
         deadlines = []
         if self.sessions:
             deadlines.append(next(iter(self.sessions)).deadline)
+        if self.forwards:
+            deadlines.append(next(iter(self.forwards.values())))
         if self.resume_accepting_at is not None:
             deadlines.append(self.resume_accepting_at)
         if not deadlines:
@@ -244,6 +254,11 @@ class Server:
         return max(0.0, min(deadlines) - self.clock())
 
     def _tick(self, now: float) -> None:
+        while self.forwards:
+            session, deadline = next(iter(self.forwards.items()))
+            if deadline > now:
+                break
+            self._forward_done(session, None, f"no answer in {self.config.forward.timeout:g}s")
         while self.sessions:
             session = next(iter(self.sessions))
             if session.deadline > now:
@@ -300,8 +315,15 @@ class Server:
             # Keep describing what runs, so the next reload warns again.
             config = replace(config, **{name: getattr(self.config, name) for name in waiting})
         shorter = config.limits.idle_timeout < self.config.limits.idle_timeout
+        if self._limiter(config) != self._limiter(self.config):
+            self.limiter = self._limiter(config)
+        if config.forward.timeout < self.config.forward.timeout:
+            cap = self.clock() + config.forward.timeout
+            for session, deadline in sorted(self.forwards.items(), key=lambda item: item[1]):
+                self.forwards[session] = min(deadline, cap)
+                self.forwards.move_to_end(session)
         self.config = config
-        self.responder.config = config.reply
+        self.responder.config = config
         if shorter:
             # The new timeout applies to open connections too. Capping their
             # deadlines at now + timeout also keeps self.sessions in deadline
@@ -311,6 +333,11 @@ class Server:
                 session.deadline = min(session.deadline, cap)
             for session in sorted(self.sessions, key=lambda s: s.deadline):
                 self.sessions.move_to_end(session)
+
+    @staticmethod
+    def _limiter(config: Config) -> RateLimiter:
+        limits = config.limits
+        return RateLimiter(limits.per_client_rate, limits.per_client_burst, limits.clients_tracked)
 
     # -- accepting ------------------------------------------------------------
 
@@ -356,6 +383,9 @@ class Server:
             return
         limits = self.config.limits
         key = client_key(peer.address)
+        if not allowed(peer.address, self.config.access):
+            self._refuse(sock, peer, "access")
+            return
         if len(self.sessions) >= limits.max_connections:
             self._refuse(sock, peer, "max_connections")
             return
@@ -371,20 +401,22 @@ class Server:
         # (and its lookup batch), instead of a turn later.
         self._on_event(session, selectors.EVENT_READ)
 
-    def _refuse(self, sock: socket.socket, peer: Endpoint, limit: str) -> None:
-        sock.close()
-        # A flood must not flood the log too: one line per interval, with a count.
-        self.refusals += 1
+    def _refuse(self, sock: socket.socket | None, peer: Endpoint, limit: str) -> None:
+        if sock is not None:
+            sock.close()
+        # A flood must not flood the log too: per limit, one line per interval, with a count.
+        self.refusals[limit] = self.refusals.get(limit, 0) + 1
         now = self.clock()
-        if now - self.refusal_logged_at >= REFUSAL_LOG_INTERVAL:
-            log.warning(
-                "refused %d connection(s) over limits.%s (latest from %s)",
-                self.refusals,
-                limit,
-                peer.address,
-            )
-            self.refusals = 0
-            self.refusal_logged_at = now
+        if now - self.refusal_logged_at.get(limit, float("-inf")) >= REFUSAL_LOG_INTERVAL:
+            if limit == "access":
+                what = "connection(s) from clients the [access] lists refuse"
+            elif limit == "per_client_rate":
+                what = "query(s) over limits.per_client_rate"
+            else:
+                what = f"connection(s) over limits.{limit}"
+            log.warning("refused %d %s (latest from %s)", self.refusals[limit], what, peer.address)
+            self.refusals[limit] = 0
+            self.refusal_logged_at[limit] = now
 
     # -- sessions -------------------------------------------------------------
 
@@ -416,22 +448,35 @@ class Server:
 
     def _advance(self, session: Session) -> None:
         """Answer queued queries while the client keeps up, then set what to wait for."""
-        while session.pending and not session.closing and len(session.output) < MAX_OUTPUT:
+        while (
+            session.pending
+            and not session.closing
+            and session.forwarding is None
+            and len(session.output) < MAX_OUTPUT
+        ):
             self._answer(session, session.pending.popleft())
-        if session.closing:
+        if session.closing and session.forwarding is None:
             session.pending.clear()
         if session not in self.sessions:
             return
+        # Replies go out in query order: what arrives during a forward waits in
+        # `pending` (one recv's worth at most: reading stops while it is not empty).
         wants_read = not (session.closing or session.eof or session.pending)
         wants_read = wants_read and len(session.output) < MAX_OUTPUT
         events = (selectors.EVENT_READ if wants_read else 0) | (
             selectors.EVENT_WRITE if session.output else 0
         )
-        if not events:
+        if not events and session.forwarding is None:
             self._close(session)  # nothing more to read or send
         elif events != session.events:
+            callback = functools.partial(self._on_event, session)
+            if not events:
+                self.selector.unregister(session.sock)
+            elif not session.events:
+                self.selector.register(session.sock, events, callback)
+            else:
+                self.selector.modify(session.sock, events, callback)
             session.events = events
-            self.selector.modify(session.sock, events, functools.partial(self._on_event, session))
 
     def _answer(self, session: Session, event: Event) -> None:
         if isinstance(event, Overlong):
@@ -443,19 +488,93 @@ class Server:
             self._queue(session, MALFORMED_REPLY)
             session.closing = True
             return
-        if isinstance(event, InvalidPort):
+        session.queries += 1
+        if session.queries >= self.config.limits.max_queries_per_connection:
+            session.closing = True
+        if not self.limiter.allow(session.key, self.clock()):
+            self._refuse(None, session.peer, "per_client_rate")
+            if self.config.limits.over_limit == "close":
+                session.closing = True
+                return
+            line = format_reply(event.server_port, event.client_port, UNKNOWN_ERROR)
+        elif isinstance(event, InvalidPort):
             line = format_reply(
                 event.server_port, event.client_port, ErrorReply(ErrorType.INVALID_PORT)
             )
             self._log_answer(session, event, line, "port-range")
         else:
             answer = self._respond(session, event)
+            if answer.forward is not None:
+                self._forward(session, event, answer)
+                return
+            assert answer.line is not None
             line = answer.line
             self._log_answer(session, event, line, answer.rule, answer)
         self._queue(session, line)
-        session.queries += 1
-        if session.queries >= self.config.limits.max_queries_per_connection:
-            session.closing = True
+
+    # -- forwards -------------------------------------------------------------
+
+    def _forward(self, session: Session, query: Query, answer: Answer) -> None:
+        assert answer.forward is not None
+        try:
+            client = ForwardClient(answer.forward.target, query)
+        except ForwardFailed as err:
+            self._finish_forward(session, query, answer, None, str(err))
+            return
+        session.forwarding = (client, query, answer)
+        self.forwards[session] = self.clock() + self.config.forward.timeout
+        self.selector.register(
+            client.sock, client.events, functools.partial(self._on_forward, session)
+        )
+
+    def _on_forward(self, session: Session, mask: int) -> None:
+        assert session.forwarding is not None
+        client = session.forwarding[0]
+        try:
+            line = client.handle(mask)
+        except ForwardFailed as err:
+            self._forward_done(session, None, str(err))
+            return
+        except Exception:
+            log.exception("unexpected error forwarding to %s", client.target)
+            self._forward_done(session, None, "internal error")
+            return
+        if line is not None:
+            self._forward_done(session, line, "")
+        else:
+            self.selector.modify(
+                client.sock, client.events, functools.partial(self._on_forward, session)
+            )
+
+    def _forward_done(self, session: Session, line: bytes | None, failure: str) -> None:
+        """The forward of `session` has an answer `line`, or failed: reply, then go on."""
+        assert session.forwarding is not None
+        client, query, answer = session.forwarding
+        self._drop_forward(session)
+        self._finish_forward(session, query, answer, line, failure)
+        if session in self.sessions:
+            try:
+                self._advance(session)
+            except Exception:
+                log.exception("unexpected error serving %s; closing it", session.peer)
+                self._close(session)
+
+    def _drop_forward(self, session: Session) -> None:
+        if session.forwarding is None:
+            return
+        client = session.forwarding[0]
+        session.forwarding = None
+        del self.forwards[session]
+        self.selector.unregister(client.sock)
+        client.close()
+
+    def _finish_forward(
+        self, session: Session, query: Query, answer: Answer, line: bytes | None, failure: str
+    ) -> None:
+        final = self.responder.finish_forward(query, answer, line, failure)
+        assert final.line is not None
+        self._log_answer(session, query, final.line, final.rule, final)
+        self._queue(session, final.line)
 
     def _respond(self, session: Session, query: Query) -> Answer:
         conn = ConnectionId(
@@ -496,12 +615,14 @@ class Server:
         if session not in self.sessions:
             return
         del self.sessions[session]
+        self._drop_forward(session)
         count = self.per_client[session.key] - 1
         if count:
             self.per_client[session.key] = count
         else:
             del self.per_client[session.key]
-        self.selector.unregister(session.sock)
+        if session.events:
+            self.selector.unregister(session.sock)
         session.sock.close()
 
     def _log_answer(

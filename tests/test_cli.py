@@ -78,7 +78,9 @@ def test_lookup_explains_a_live_connection(tmp_path: Path, backend: str, source:
     assert re.fullmatch(rf"kernel:     {source}: ESTABLISHED, uid 1, inode \d+", lines[1])
     assert lines[2:] == [
         "owner:      daemon(uid=1)",
-        "rule:       owner",
+        "policy:     rules[0]: no match (owner)",
+        "policy:     no rule matches; the owner's name",
+        "rule:       default",
         f"reply:      {conn.local[1]},{conn.remote[1]}:USERID:UNIX:daemon",
     ]
 

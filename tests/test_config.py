@@ -25,6 +25,8 @@ def test_sample_sets_every_key() -> None:
     sample = tomllib.loads(SAMPLE.read_text())
     config = Config()
     for section in config.__dataclass_fields__:
+        if section == "rules":
+            continue  # a list; its keys are checked against the man page (test_docs)
         fields = set(getattr(config, section).__dataclass_fields__)
         assert set(sample[section]) == fields, section
 
@@ -66,7 +68,90 @@ def test_values_are_read(tmp_path: Path) -> None:
     ("data", "message"),
     [
         ({"sever": {}}, "sever: unknown key; did you mean 'server'?"),
-        ({"rules": {}}, "rules: unknown key (known: server, limits, reply, lookup, log)"),
+        (
+            {"policy": {}},
+            "policy: unknown key (known: server, limits, reply, lookup, users, access, tokens, ",
+        ),
+        ({"rules": {}}, "rules: must be an array of tables [[rules]]"),
+        ({"rules": [{"users": ["a"]}]}, "rules[0]: has no action (one of real, numeric"),
+        ({"rules": [{"action": "lie"}]}, "rules[0].action: must be one of 'real', 'numeric'"),
+        (
+            {"rules": [{"action": "hide", "usr": []}]},
+            "rules[0].usr: unknown key; did you mean 'users'?",
+        ),
+        ({"rules": [{"action": "reply"}]}, "rules[0]: action = \"reply\" needs the key 'reply'"),
+        (
+            {"rules": [{"action": "hide", "reply": "x"}]},
+            'rules[0].reply: is used only with action = "reply"',
+        ),
+        ({"rules": [{"action": "reply", "reply": []}]}, "rules[0].reply: must hold 1 to 255 ids"),
+        (
+            {"rules": [{"action": "reply", "reply": ["ok", "a\r\nb"]}]},
+            "rules[0].reply[1]: 'a\\r\\nb' cannot be sent: the user id contains CR",
+        ),
+        (
+            {"rules": [{"action": "reply", "reply": "x" * 513}]},
+            "rules[0].reply[0]: ",
+        ),
+        (
+            {"rules": [{"action": "reply", "reply": "a\u0000b"}]},
+            "rules[0].reply[0]: 'a\\x00b' cannot be sent: the user id contains NUL",
+        ),
+        (
+            {"rules": [{"action": "forward"}]},
+            "rules[0]: action = \"forward\" needs the key 'forward'",
+        ),
+        (
+            {"rules": [{"action": "forward", "forward": "localhost:113"}]},
+            "rules[0].forward: 'localhost' in 'localhost:113' is not an IP address",
+        ),
+        (
+            {"rules": [{"action": "hide", "clients": ["10.0.0.1/8"]}]},
+            "rules[0].clients[0]: '10.0.0.1/8' has host bits set; did you mean '10.0.0.0/8'?",
+        ),
+        (
+            {"rules": [{"action": "hide", "clients": ["example.net"]}]},
+            "rules[0].clients[0]: 'example.net' is not an IP address or network",
+        ),
+        (
+            {"rules": [{"action": "hide", "server_ports": ["70-60"]}]},
+            "rules[0].server_ports[0]: '70-60' is not a port range from 1 to 65535, low first",
+        ),
+        (
+            {"rules": [{"action": "hide", "client_ports": [0]}]},
+            "rules[0].client_ports[0]: '0' is not a port range from 1 to 65535",
+        ),
+        (
+            {"rules": [{"action": "hide", "uids": ["4294967296"]}]},
+            "rules[0].uids[0]: '4294967296' is not a uid range from 0 to 4294967295",
+        ),
+        (
+            {"rules": [{"action": "hide", "user_may": ["spoof"]}]},
+            'rules[0].user_may: a rule with action = "hide" names nobody',
+        ),
+        (
+            {"rules": [{"action": "real", "user_may": ["lie"]}]},
+            "rules[0].user_may[0]: must be one of 'spoof', 'spoof_all'",
+        ),
+        ({"rules": [{"action": "real", "os": "A B"}]}, "rules[0].os: the OS token 'A B'"),
+        (
+            {"rules": [{"action": "real", "name": "x"}, {"action": "hide", "name": "x"}]},
+            "rules[1].name: 'x' names an earlier rule too",
+        ),
+        ({"rules": [5]}, "rules[0]: must be a table [[rules]]"),
+        (
+            {"reply": {"reply_all": "a\nb"}},
+            "reply.reply_all: 'a\\nb' cannot be sent: the user id contains LF",
+        ),
+        ({"reply": {"fallback": 5}}, "reply.fallback: must be a string"),
+        ({"limits": {"per_client_rate": -1}}, "limits.per_client_rate: must be a number from 0"),
+        ({"limits": {"over_limit": "drop"}}, "limits.over_limit: must be one of 'error', 'close'"),
+        ({"users": {"noident": "yes"}}, "users.noident: must be true or false"),
+        ({"users": {"max_file_size": 10**7}}, "users.max_file_size: must be a whole number"),
+        ({"access": {"allow": "10.0.0.0/8"}}, "access.allow: must be a list of networks"),
+        ({"access": {"deny": ["10.0.0.0/33"]}}, "access.deny[0]: '10.0.0.0/33' is not an IP"),
+        ({"tokens": {"key_file": "token.key"}}, "tokens.key_file: must be an absolute path"),
+        ({"forward": {"timeout": 0}}, "forward.timeout: must be a number from 0.1 to 60"),
         (
             {"lookup": {"backend": "ebpf"}},
             "lookup.backend: must be one of 'auto', 'netlink', 'procfs'",
@@ -121,6 +206,55 @@ def test_errors_name_key_and_reason(data: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(data, "f.toml")
     assert str(info.value).startswith(f"f.toml: {message}")
+
+
+def test_rules_are_read() -> None:
+    """Every match key and action setting reaches the Rule, in order."""
+    config = parse_config(
+        {
+            "rules": [
+                {
+                    "name": "irc",
+                    "users": ["alice", "bob"],
+                    "uids": [7, "100-200"],
+                    "groups": ["guests"],
+                    "clients": ["198.51.100.0/24", "2001:db8::/32"],
+                    "local_addresses": ["192.0.2.1"],
+                    "server_ports": ["1024-65535"],
+                    "client_ports": [6667, "6660-6669"],
+                    "inbound": True,
+                    "action": "reply",
+                    "reply": ["a", "b"],
+                    "os": "X",
+                    "charset": "UTF-8",
+                    "user_may": ["spoof", "hide"],
+                },
+                {"action": "forward", "forward": "[::1]:1113"},
+            ]
+        }
+    )
+    first, second = config.rules
+    assert first.name == "irc" and first.users == frozenset({"alice", "bob"})
+    assert first.uids == ((7, 7), (100, 200)) and first.groups == frozenset({"guests"})
+    assert first.clients == (
+        ipaddress.ip_network("198.51.100.0/24"),
+        ipaddress.ip_network("2001:db8::/32"),
+    )
+    assert first.local_addresses == (ipaddress.ip_network("192.0.2.1/32"),)
+    assert first.server_ports == ((1024, 65535),)
+    assert first.client_ports == ((6667, 6667), (6660, 6669))
+    assert (
+        first.inbound and first.reply == ("a", "b") and (first.os, first.charset) == ("X", "UTF-8")
+    )
+    assert first.user_may == frozenset({"spoof", "hide"})
+    assert second.name == "rules[1]"
+    assert second.forward == Endpoint(ipaddress.IPv6Address("::1"), 1113)
+
+
+def test_rules_replace_the_default_root_rule() -> None:
+    """No [[rules]] means the default (root hidden); any [[rules]] list replaces it."""
+    assert [r.users for r in Config().rules] == [frozenset({"root"})]
+    assert parse_config({"rules": []}).rules == ()
 
 
 def test_syntax_error_names_file_and_line(tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ def test_ipv4_owner(lookup_daemon) -> None:
         reply = daemon.ask(conn.query)
     assert reply == b"%d,%d:USERID:UNIX:daemon\r\n" % (conn.local[1], conn.remote[1])
     daemon.wait_log(
-        rf"query={conn.local[1]},{conn.remote[1]} owner=daemon\(uid=1\) reply=USERID:UNIX:daemon rule=owner"
+        rf"query={conn.local[1]},{conn.remote[1]} owner=daemon\(uid=1\) reply=USERID:UNIX:daemon rule=default"
     )
 
 

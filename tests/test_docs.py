@@ -13,7 +13,7 @@ import click
 import pytest
 
 from procident.cli import main
-from procident.config import Config
+from procident.config import Config, Rule
 
 ROOT = Path(__file__).parent.parent
 MAN8 = (ROOT / "man" / "procident.8").read_text()
@@ -38,7 +38,12 @@ def test_man_pages_lint_clean() -> None:
 def test_every_config_key_documented() -> None:
     """Each [section] and key of the configuration has its entry in procident.toml(5)."""
     config = Config()
+    rules = MAN5.split(".Ss \\&[\\&[rules\\&]\\&]", 1)[1].split(".Ss ", 1)[0]
+    for key in Rule.__dataclass_fields__:
+        assert re.search(rf"^\.It Ic {key} No \(", rules, re.M), f"rules.{key}"
     for section in config.__dataclass_fields__:
+        if section == "rules":
+            continue
         assert f".Ss \\&[{section}\\&]" in MAN5, section
         body = MAN5.split(f".Ss \\&[{section}\\&]", 1)[1].split(".Ss ", 1)[0]
         for key in getattr(config, section).__dataclass_fields__:

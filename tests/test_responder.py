@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from dataclasses import replace
 
 import pytest
 from conftest import DictBackend
 
-from procident.config import ReplyConfig
+from procident.config import Config, ReplyConfig
 from procident.lookup import ConnectionId, Endpoint, Found, LookupFailed, SocketEntry, TcpState
 from procident.protocol import Query
 from procident.responder import Responder, UserNames, passwd_name
@@ -24,15 +25,16 @@ def entry(uid: int, inode: int = 4242) -> SocketEntry:
     return SocketEntry(LOCAL, REMOTE, TcpState.ESTABLISHED, uid, inode)
 
 
-def responder(table, config: ReplyConfig | None = None, listening=frozenset()) -> Responder:
-    return Responder(DictBackend(table, listening), config or ReplyConfig(), NAMES.get)
+def responder(table, reply: ReplyConfig | None = None, listening=frozenset()) -> Responder:
+    config = replace(Config(), reply=reply or ReplyConfig())
+    return Responder(DictBackend(table, listening), config, NAMES.get)
 
 
 def test_answers_with_login_name() -> None:
     """A live socket is answered with its owner's name, and the answer keeps the evidence."""
     answer = responder({CONN: entry(1000)}).respond(QUERY, CONN, 0.0)
     assert answer.line == b"40001,6667:USERID:UNIX:alice\r\n"
-    assert answer.owner is not None and answer.owner.uid == 1000 and answer.rule == "owner"
+    assert answer.owner is not None and answer.owner.uid == 1000 and answer.rule == "default"
 
 
 def test_no_connection() -> None:
@@ -42,7 +44,7 @@ def test_no_connection() -> None:
 
 def test_uid_zero_inode_zero_is_never_root() -> None:
     """A socket nobody holds (uid 0, inode 0) is NO-USER, never root."""
-    answer = Responder(DictBackend({CONN: entry(0, inode=0)}), ReplyConfig(), passwd_name).respond(
+    answer = Responder(DictBackend({CONN: entry(0, inode=0)}), Config(), passwd_name).respond(
         QUERY, CONN, 0.0
     )
     assert answer.line == b"40001,6667:ERROR:NO-USER\r\n" and answer.owner is None
@@ -78,7 +80,7 @@ class FailingBackend:
 
 def test_lookup_failure_is_unknown_error(caplog: pytest.LogCaptureFixture) -> None:
     """A lookup that could not look is UNKNOWN-ERROR, and its cause is logged."""
-    answer = Responder(FailingBackend(LookupFailed("table gone")), ReplyConfig()).respond(
+    answer = Responder(FailingBackend(LookupFailed("table gone")), Config()).respond(
         QUERY, CONN, 0.0
     )
     assert answer.line == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n" and answer.rule == "lookup-failed"
@@ -88,9 +90,7 @@ def test_lookup_failure_is_unknown_error(caplog: pytest.LogCaptureFixture) -> No
 def test_unexpected_exception_is_logged_with_traceback(caplog: pytest.LogCaptureFixture) -> None:
     """Any surprise becomes UNKNOWN-ERROR and a logged traceback, not a crash."""
     with caplog.at_level(logging.ERROR):
-        answer = Responder(FailingBackend(RuntimeError("boom")), ReplyConfig()).respond(
-            QUERY, CONN, 0.0
-        )
+        answer = Responder(FailingBackend(RuntimeError("boom")), Config()).respond(QUERY, CONN, 0.0)
     assert answer.line == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n" and answer.rule == "internal-error"
     (record,) = caplog.records
     assert record.exc_info is not None and "RuntimeError: boom" in caplog.text
@@ -129,16 +129,67 @@ def test_name_cache_is_bounded() -> None:
     names = UserNames(lambda uid: None, ttl=60, size=100)
     for uid in range(10_000):
         names.name(uid, 0)
-    assert len(names._names) == 100
-    assert set(names._names) == set(range(9_900, 10_000))  # the newest stay
+    assert len(names._values) == 100
+    assert set(names._values) == set(range(9_900, 10_000))  # the newest stay
 
 
 def test_responder_reuses_names() -> None:
     """The responder asks passwd once for repeated queries about one owner."""
     calls: list[int] = []
     r = Responder(
-        DictBackend({CONN: entry(1000)}), ReplyConfig(), lambda uid: calls.append(uid) or "alice"
+        DictBackend({CONN: entry(1000)}), Config(), lambda uid: calls.append(uid) or "alice"
     )
     for now in range(5):
         assert r.respond(QUERY, CONN, float(now)).line.endswith(b":alice\r\n")
     assert calls == [1000]
+
+
+def with_config(text: str) -> Config:
+    import tomllib
+
+    from procident.config import parse_config
+
+    return parse_config(tomllib.loads(text))
+
+
+def test_token_reply_decodes_to_the_connection() -> None:
+    """action token sends an OTHER id that the key turns back into uid, time and conn."""
+    from procident.tokens import TokenMaker
+
+    maker = TokenMaker({1: bytes(32)})
+    config = with_config('[[rules]]\naction = "token"\n')
+    answer = Responder(
+        DictBackend({CONN: entry(1000)}), config, NAMES.get, tokens=maker, wall_clock=lambda: 1234.5
+    ).respond(QUERY, CONN, 0.0)
+    assert answer.line is not None and answer.line.startswith(b"40001,6667:USERID:OTHER:")
+    token = answer.line.rstrip(b"\r\n").rsplit(b":", 1)[1].decode()
+    facts = maker.read(token)
+    assert (facts.uid, facts.time, facts.conn) == (1000, 1234, CONN)
+
+
+def test_token_without_key_is_unknown_error(caplog) -> None:
+    """A token rule with no key loaded is UNKNOWN-ERROR and a logged reason, not a crash."""
+    config = with_config('[[rules]]\naction = "token"\n')
+    with caplog.at_level(logging.ERROR):
+        answer = Responder(DictBackend({CONN: entry(1000)}), config, NAMES.get).respond(
+            QUERY, CONN, 0.0
+        )
+    assert answer.line == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n"
+    assert "no token key is loaded" in caplog.text
+
+
+def test_reply_all_needs_no_lookup() -> None:
+    """reply_all answers every well-formed query the same, without asking the kernel."""
+    backend = DictBackend({})
+    config = with_config('[reply]\nreply_all = "container"\n')
+    answer = Responder(backend, config, NAMES.get).respond(QUERY, CONN, 0.0)
+    assert answer.line == b"40001,6667:USERID:OTHER:container\r\n"
+    assert answer.rule == "reply.reply_all" and backend.finds == []
+
+
+def test_fallback_on_lookup_failure() -> None:
+    """With fallback set, a failed lookup is answered with it instead of UNKNOWN-ERROR."""
+    config = with_config('[reply]\nfallback = "nat-user"\n')
+    answer = Responder(FailingBackend(LookupFailed("gone")), config).respond(QUERY, CONN, 0.0)
+    assert answer.line == b"40001,6667:USERID:OTHER:nat-user\r\n"
+    assert answer.rule == "reply.fallback"

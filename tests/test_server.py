@@ -40,7 +40,7 @@ def make_server(
 ) -> tuple[Server, Clock]:
     config = replace(Config(), limits=limits or LimitsConfig())
     clock = Clock()
-    responder = responder or Responder(DictBackend({}), config.reply)
+    responder = responder or Responder(DictBackend({}), config)
     return Server(config, responder, open_listeners(listen), clock=clock), clock
 
 
@@ -90,7 +90,9 @@ def server_factory():
 def test_output_bound_stops_reading_then_resumes(server_factory) -> None:
     """A client that does not read has at most MAX_OUTPUT (+ one reply) pending and is not
     read; once it reads, the rest is answered in order, exactly once each."""
-    server, _ = server_factory(limits=LimitsConfig(max_queries_per_connection=10000))
+    server, _ = server_factory(
+        limits=LimitsConfig(max_queries_per_connection=10000, per_client_rate=0)
+    )
     client = connect(server, rcvbuf=4096)
     count = 3000
     client.setblocking(True)
@@ -171,7 +173,7 @@ class ExplodingResponder:
 def test_a_bug_costs_one_connection_not_the_loop(server_factory, caplog) -> None:
     """An exception escaping the responder closes that connection, is logged with its
     traceback, and the loop serves the next client."""
-    server, _ = server_factory(responder=ExplodingResponder(Config().reply))
+    server, _ = server_factory(responder=ExplodingResponder(Config()))
     victim = connect(server)
     victim.send(b"666,1\r\n")
     with caplog.at_level(logging.ERROR, logger="procident"):
@@ -251,7 +253,7 @@ def test_one_batch_per_turn(server_factory) -> None:
     """Queries that arrive in the same loop turn are looked up inside one backend batch
     (so the procfs backend reads its tables once for all of them)."""
     backend = DictBackend({})
-    server, _ = server_factory(responder=Responder(backend, Config().reply))
+    server, _ = server_factory(responder=Responder(backend, Config()))
     clients = [connect(server) for _ in range(3)]
     pump(server, 5)  # accepted
     for client in clients:

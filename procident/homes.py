@@ -1,0 +1,277 @@
+"""Reading the files users keep in their home directories, safely.
+
+The daemon runs as an unprivileged user, which cannot read into home
+directories of mode 0700. So, when the configuration reads user files, a
+small helper process is forked before privileges are dropped and keeps root
+for one job only: given a uid, read the fixed list of files (USER_FILES) in
+that account's home directory, with its effective uid and groups set to the
+account's, so it can never read anything the account itself could not. Each
+file is opened without following a symbolic link, must be a regular file owned
+by the account (or root), not writable by others, and no larger than the cap.
+
+The daemon asks over a socketpair and waits at most HELPER_TIMEOUT seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import pwd
+import signal
+import socket
+import stat
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from procident.config import UsersConfig
+from procident.userfiles import (
+    IDENT,
+    NOIDENT,
+    OIDENTD_FILES,
+    PROCIDENT_FILE,
+    ChoiceFile,
+    UserFileError,
+    UserFiles,
+    parse_oidentd_file,
+    parse_procident_file,
+)
+
+log = logging.getLogger(__name__)
+
+USER_FILES = (NOIDENT, IDENT, PROCIDENT_FILE, *OIDENTD_FILES)
+_PRESENCE_ONLY = (NOIDENT, IDENT)
+HELPER_TIMEOUT = 1.0
+MAX_REQUEST_SIZE = 16  # a uid and a size cap
+# status of one file in a reply
+ABSENT, PRESENT, CONTENT, REFUSED = 0, 1, 2, 3
+_ITEM = struct.Struct("!BI")
+_REQUEST = struct.Struct("!II")
+
+
+@dataclass(frozen=True, slots=True)
+class FileState:
+    """One file as the reader found it: absent, present (contents not read), its
+    contents, or refused with a reason."""
+
+    status: int
+    data: bytes = b""
+
+    @property
+    def reason(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+
+def _check_and_read(path: str, uid: int, max_size: int, contents: bool) -> FileState:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as err:
+        if err.errno == errno.ENOENT or err.errno == errno.ENOTDIR:
+            return FileState(ABSENT)
+        if err.errno == errno.ELOOP:
+            return FileState(REFUSED, b"is a symbolic link")
+        return FileState(REFUSED, f"cannot open: {err.strerror}".encode())
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return FileState(REFUSED, b"is not a regular file")
+        if info.st_uid not in (uid, 0):
+            return FileState(REFUSED, f"is owned by uid {info.st_uid}, not the user".encode())
+        if info.st_mode & stat.S_IWOTH:
+            return FileState(REFUSED, b"is writable by everyone")
+        if not contents:
+            return FileState(PRESENT)
+        if info.st_size > max_size:
+            return FileState(REFUSED, f"is larger than {max_size} bytes".encode())
+        data = os.read(fd, max_size + 1)
+        if len(data) > max_size:
+            return FileState(REFUSED, f"is larger than {max_size} bytes".encode())
+        return FileState(CONTENT, data)
+    except OSError as err:
+        return FileState(REFUSED, f"cannot read: {err.strerror}".encode())
+    finally:
+        os.close(fd)
+
+
+def read_home_files(
+    uid: int, max_size: int, accounts: Callable[[int], Any] = pwd.getpwuid
+) -> dict[str, FileState]:
+    """Read USER_FILES in the home directory of `uid`, as that account when run as root.
+
+    `accounts` maps a uid to its passwd entry (pwd.getpwuid; tests give their own).
+    """
+    try:
+        account = accounts(uid)
+    except KeyError:
+        return {}
+    home = account.pw_dir
+    if not home.startswith("/"):
+        return {}
+    as_user = os.geteuid() == 0 and uid != 0
+    if as_user:
+        groups = os.getgroups()
+        os.setgroups(os.getgrouplist(account.pw_name, account.pw_gid))
+        os.setegid(account.pw_gid)
+        os.seteuid(uid)
+    try:
+        return {
+            name: _check_and_read(
+                os.path.join(home, name), uid, max_size, name not in _PRESENCE_ONLY
+            )
+            for name in USER_FILES
+        }
+    finally:
+        if as_user:
+            os.seteuid(0)
+            os.setegid(0)
+            os.setgroups(groups)
+
+
+def encode_states(states: dict[str, FileState]) -> bytes:
+    """The helper's reply: one status and length-prefixed data per file of USER_FILES."""
+    out = bytearray(b"\x01" if states else b"\x00")  # 0: no such account
+    for name in USER_FILES:
+        state = states.get(name, FileState(ABSENT))
+        out += _ITEM.pack(state.status, len(state.data)) + state.data
+    return bytes(out)
+
+
+def decode_states(data: bytes) -> dict[str, FileState]:
+    """Undo encode_states; ValueError on anything malformed."""
+    if not data or data[0] not in (0, 1):
+        raise ValueError("malformed reply from the user-file helper")
+    if data[0] == 0:
+        return {}
+    states: dict[str, FileState] = {}
+    offset = 1
+    for name in USER_FILES:
+        if offset + _ITEM.size > len(data):
+            raise ValueError("truncated reply from the user-file helper")
+        status, length = _ITEM.unpack_from(data, offset)
+        offset += _ITEM.size
+        if status > REFUSED or offset + length > len(data):
+            raise ValueError("malformed reply from the user-file helper")
+        states[name] = FileState(status, data[offset : offset + length])
+        offset += length
+    return states
+
+
+def user_files_from(states: dict[str, FileState], users: UsersConfig) -> UserFiles:
+    """What the files say: presence of ~/.noident and ~/.ident, and the first choice
+    file that parses (~/.procident.toml, else oidentd's). Problems are listed."""
+    problems: list[str] = []
+    for name, state in states.items():
+        if state.status == REFUSED:
+            problems.append(f"~/{name} {state.reason}")
+    choices: ChoiceFile | None = None
+    candidates: list[tuple[str, Callable[[str, str], ChoiceFile]]] = [
+        (PROCIDENT_FILE, parse_procident_file)
+    ]
+    if users.oidentd_files:
+        # oidentd reads ~/.config/oidentd.conf, and ~/.oidentd.conf only without it.
+        oidentd = next(
+            (n for n in OIDENTD_FILES if states.get(n, FileState(ABSENT)).status != ABSENT),
+            None,
+        )
+        if oidentd is not None:
+            candidates.append((oidentd, parse_oidentd_file))
+    for name, parse in candidates:
+        found = states.get(name)
+        if found is None or found.status != CONTENT:
+            continue
+        try:
+            text = found.data.decode("utf-8")
+            choices = parse(text, f"~/{name}")
+            break
+        except UnicodeDecodeError:
+            problems.append(f"~/{name}: not UTF-8 text")
+        except UserFileError as err:
+            problems.append(f"~/{name}: {err}")
+    return UserFiles(
+        noident=states.get(NOIDENT, FileState(ABSENT)).status != ABSENT,
+        ident=states.get(IDENT, FileState(ABSENT)).status in (PRESENT, CONTENT),
+        choices=choices,
+        problems=tuple(problems),
+    )
+
+
+class HelperError(Exception):
+    """The user-file helper did not answer."""
+
+
+class HomeHelper:
+    """The root helper process that reads user files for the unprivileged daemon."""
+
+    def __init__(
+        self, reader: Callable[[int, int], dict[str, FileState]] = read_home_files
+    ) -> None:
+        self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for end in (self.sock, child):  # a reply holds up to three files of 64 KiB
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - runs in the child
+            self.sock.close()
+            code = 0
+            try:
+                _serve_helper(child, reader)
+            except BaseException:
+                code = 1
+            os._exit(code)
+        child.close()
+        self.sock.settimeout(HELPER_TIMEOUT)
+
+    def read(self, uid: int, max_size: int) -> dict[str, FileState]:
+        """The states of the files of `uid`; HelperError if the helper fails to answer."""
+        try:
+            # A late answer to an earlier request that timed out may be waiting.
+            self.sock.setblocking(False)
+            try:
+                while self.sock.recv(1 << 20):
+                    pass
+            except BlockingIOError:
+                pass
+            self.sock.settimeout(HELPER_TIMEOUT)
+            self.sock.send(_REQUEST.pack(uid, max_size))
+            data = self.sock.recv(len(USER_FILES) * (max_size + 512) + 64)
+        except OSError as err:
+            raise HelperError(f"the user-file helper did not answer: {err}") from None
+        if not data:
+            raise HelperError("the user-file helper has exited")
+        try:
+            return decode_states(data)
+        except ValueError as err:
+            raise HelperError(str(err)) from None
+
+    def close(self) -> None:
+        """Stop the helper: it exits when its end of the socket closes."""
+        self.sock.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+def _serve_helper(
+    sock: socket.socket, reader: Callable[[int, int], dict[str, FileState]]
+) -> None:  # pragma: no cover - runs in the child
+    # The daemon's process group may get ^C or SIGHUP meant for the daemon; the
+    # helper ends when the daemon does, as its socket closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.setgroups([])
+    while True:
+        request = sock.recv(MAX_REQUEST_SIZE)
+        if not request:
+            return
+        if len(request) != _REQUEST.size:
+            continue
+        uid, max_size = _REQUEST.unpack(request)
+        max_size = min(max_size, 65536)
+        try:
+            states = reader(uid, max_size)
+        except OSError as err:
+            states = {name: FileState(REFUSED, str(err).encode()) for name in USER_FILES}
+        sock.send(encode_states(states))

@@ -1,0 +1,203 @@
+"""Policy end to end: the real daemon (root, dropping to nobody), real sockets, real uids.
+
+The daemon runs in a mount namespace of its own, where /etc/passwd and /etc/group
+are copies with one more account, `pidtest` (uid 3001), whose home directory
+lies in the test's scratch directory: so ~/.noident and ~/.oidentd.conf are
+read for real, by the root helper, as that account, without touching the host's
+accounts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import requires_root
+from harness import owned_connection
+
+from procident.cli import main
+
+pytestmark = requires_root
+
+USER_UID = 3001
+SERVICE4 = ("127.0.0.1", 0)
+CLONE_NEWNS = 0x00020000
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _call(result: int) -> None:
+    if result != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+@pytest.fixture
+def home(workdir: Path) -> Path:
+    path = workdir / "pidtest"
+    path.mkdir()
+    os.chown(path, USER_UID, USER_UID)
+    return path
+
+
+@pytest.fixture
+def accounts(workdir: Path, home: Path):
+    """A preexec function that gives the daemon passwd and group files with `pidtest`."""
+    passwd = workdir / "passwd"
+    group = workdir / "group"
+    passwd.write_text(
+        Path("/etc/passwd").read_text() + f"pidtest:x:{USER_UID}:{USER_UID}::{home}:/bin/false\n"
+    )
+    group.write_text(Path("/etc/group").read_text() + f"pidguests:x:{USER_UID}:\n")
+    for path in (passwd, group):
+        path.chmod(0o644)
+
+    def enter() -> None:  # runs in the daemon's process, before exec
+        _call(_libc.unshare(CLONE_NEWNS))
+        _call(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None))
+        _call(_libc.mount(bytes(passwd), b"/etc/passwd", None, MS_BIND, None))
+        _call(_libc.mount(bytes(group), b"/etc/group", None, MS_BIND, None))
+
+    return enter
+
+
+def ask_owned(daemon, uid: int = USER_UID, service=SERVICE4) -> tuple[bytes, bytes]:
+    """Ask the daemon about a fresh connection owned by `uid`; (reply, the ports prefix)."""
+    with owned_connection(uid, service, "127.0.0.1") as conn:
+        reply = daemon.ask(conn.query)
+    return reply, b"%d,%d:" % (conn.local[1], conn.remote[1])
+
+
+def test_hide(start_daemon, accounts) -> None:
+    """A rule hides its users; the log still names the real owner and the rule."""
+    daemon = start_daemon(
+        '[[rules]]\nname = "hide-test"\nusers = ["pidtest"]\naction = "hide"\n',
+        preexec_fn=accounts,
+    )
+    reply, head = ask_owned(daemon)
+    assert reply == head + b"ERROR:HIDDEN-USER\r\n"
+    daemon.wait_log(r"owner=pidtest\(uid=3001\) reply=ERROR:HIDDEN-USER rule=hide-test")
+
+
+def test_fake_reply(start_daemon, accounts) -> None:
+    """A fixed reply goes out as OTHER; another user is still named."""
+    daemon = start_daemon(
+        '[[rules]]\ngroups = ["pidguests"]\naction = "reply"\nreply = "wonderland"\n',
+        preexec_fn=accounts,
+    )
+    reply, head = ask_owned(daemon)
+    assert reply == head + b"USERID:OTHER:wonderland\r\n"
+    reply, head = ask_owned(daemon, uid=1)
+    assert reply == head + b"USERID:UNIX:daemon\r\n"
+
+
+def test_random(start_daemon, accounts) -> None:
+    """random gives a fresh id per reply."""
+    daemon = start_daemon(
+        '[[rules]]\nuids = ["3000-3999"]\naction = "random"\n', preexec_fn=accounts
+    )
+    ids = set()
+    for _ in range(3):
+        reply, head = ask_owned(daemon)
+        match = re.fullmatch(re.escape(head) + rb"USERID:OTHER:([a-z][a-z0-9]{7})\r\n", reply)
+        assert match, reply
+        ids.add(match[1])
+    assert len(ids) == 3
+
+
+def test_noident_opt_out(start_daemon, accounts, home: Path) -> None:
+    """~/.noident hides its owner, read by the root helper after the daemon dropped to
+    nobody; removing it names the owner again (cache_seconds = 0)."""
+    daemon = start_daemon("[users]\nnoident = true\ncache_seconds = 0\n", preexec_fn=accounts)
+    daemon.wait_log(r"user files are read by helper process \d+")
+    daemon.wait_log(r"dropped privileges to user nobody")
+    (home / ".noident").touch()
+    os.chown(home / ".noident", USER_UID, USER_UID)
+    reply, head = ask_owned(daemon)
+    assert reply == head + b"ERROR:HIDDEN-USER\r\n"
+    daemon.wait_log(r"owner=pidtest\(uid=3001\) reply=ERROR:HIDDEN-USER rule=~/.noident")
+    (home / ".noident").unlink()
+    reply, head = ask_owned(daemon)
+    assert reply == head + b"USERID:UNIX:pidtest\r\n"
+
+
+def test_planted_link_is_not_followed(start_daemon, accounts, home: Path) -> None:
+    """A ~/.oidentd.conf that is a link is ignored, and the log says why."""
+    target = home / "elsewhere.conf"
+    target.write_text('global { reply "linked" }\n')
+    os.chown(target, USER_UID, USER_UID)
+    (home / ".oidentd.conf").symlink_to(target)
+    os.lchown(home / ".oidentd.conf", USER_UID, USER_UID)
+    daemon = start_daemon(
+        '[[rules]]\nusers = ["pidtest"]\naction = "real"\nuser_may = ["spoof"]\n',
+        preexec_fn=accounts,
+    )
+    reply, head = ask_owned(daemon)
+    assert reply == head + b"USERID:UNIX:pidtest\r\n"
+    daemon.wait_log(r"uid 3001: ~/\.oidentd\.conf is a symbolic link")
+
+
+def test_znc_style_user_file(start_daemon, accounts, home: Path) -> None:
+    """A bouncer's ~/.oidentd.conf sets its connections' ident where a rule allows spoof;
+    a name of another account needs spoof_all."""
+    conf = home / ".oidentd.conf"
+    conf.write_text('global { reply "zncuser" }\n')
+    os.chown(conf, USER_UID, USER_UID)
+    daemon = start_daemon(
+        '[[rules]]\nusers = ["pidtest"]\naction = "real"\nuser_may = ["spoof"]\n'
+        "[users]\ncache_seconds = 0\n",
+        preexec_fn=accounts,
+    )
+    reply, head = ask_owned(daemon)
+    assert reply == head + b"USERID:OTHER:zncuser\r\n"
+    daemon.wait_log(r"reply=USERID:OTHER:zncuser rule=rules\[0\]\+~/\.oidentd\.conf line 1")
+    conf.write_text('global { reply "daemon" }\n')  # another account's name
+    reply, head = ask_owned(daemon)
+    assert reply == head + b"USERID:UNIX:pidtest\r\n"
+
+
+def test_inbound_hidden_unless_a_rule_allows(start_daemon, accounts) -> None:
+    """A connection to a local listening service is hidden; a rule with inbound = true may
+    answer for it."""
+    with owned_connection(USER_UID, SERVICE4, "127.0.0.1") as conn:
+        # Asked from the service's side: our local port is the listening one.
+        query = b"%d,%d\r\n" % (conn.remote[1], conn.local[1])
+        daemon = start_daemon("", preexec_fn=accounts)
+        assert daemon.ask(query).endswith(b":ERROR:HIDDEN-USER\r\n")
+        daemon.stop()
+        daemon = start_daemon(
+            '[[rules]]\ninbound = true\naction = "numeric"\n', preexec_fn=accounts
+        )
+        assert daemon.ask(query).endswith(b":USERID:OTHER:0\r\n")  # the service is root's
+
+
+def test_rate_limit(start_daemon) -> None:
+    """Past the burst, queries get UNKNOWN-ERROR; the log counts them."""
+    daemon = start_daemon("[limits]\nper_client_rate = 0.01\nper_client_burst = 2\n")
+    assert daemon.ask(b"1,1\r\n2,2\r\n3,3\r\n") == (
+        b"1,1:ERROR:NO-USER\r\n2,2:ERROR:NO-USER\r\n3,3:ERROR:UNKNOWN-ERROR\r\n"
+    )
+    assert daemon.ask(b"4,4\r\n") == b"4,4:ERROR:UNKNOWN-ERROR\r\n"
+    daemon.wait_log(r"refused 1 query\(s\) over limits\.per_client_rate")
+    assert daemon.ask(b"5,5\r\n", source="127.0.0.9") == b"5,5:ERROR:NO-USER\r\n"
+
+
+def test_token_decodes(start_daemon, workdir: Path) -> None:
+    """An audit token from the daemon decodes, with its key file, to the owner and the
+    connection."""
+    key_file = workdir / "token.key"
+    assert CliRunner().invoke(main, ["token-key", str(key_file)]).exit_code == 0
+    daemon = start_daemon(f'[tokens]\nkey_file = "{key_file}"\n[[rules]]\naction = "token"\n')
+    with owned_connection(1, SERVICE4, "127.0.0.1") as conn:
+        reply = daemon.ask(conn.query)
+    token = reply.rstrip(b"\r\n").rsplit(b":", 1)[1].decode()
+    result = CliRunner().invoke(main, ["decode-token", "-k", str(key_file), token])
+    assert result.exit_code == 0, result.output
+    assert "uid:        1 (daemon)" in result.output
+    assert f"127.0.0.1:{conn.local[1]} (this host) <-> 127.0.0.1:{conn.remote[1]}" in result.output
+    altered = token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]
+    assert CliRunner().invoke(main, ["decode-token", "-k", str(key_file), altered]).exit_code == 1

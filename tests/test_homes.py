@@ -1,0 +1,196 @@
+"""Reading users' files safely: as the user, no links, owner and size checked; the helper."""
+
+from __future__ import annotations
+
+import functools
+import os
+import pwd
+from pathlib import Path
+
+import pytest
+from conftest import requires_root
+
+from procident.config import UsersConfig
+from procident.homes import (
+    ABSENT,
+    CONTENT,
+    PRESENT,
+    REFUSED,
+    USER_FILES,
+    FileState,
+    HomeHelper,
+    decode_states,
+    encode_states,
+    read_home_files,
+    user_files_from,
+)
+
+NOBODY = 65534
+
+
+def account(home: Path, uid: int = NOBODY):
+    """A passwd entry for `uid` whose home is `home` (pwd.struct_passwd, as getpwuid gives)."""
+    entry = pwd.getpwuid(uid)
+    fields = list(entry)
+    fields[5] = str(home)
+    return lambda asked: pwd.struct_passwd(fields) if asked == uid else pwd.getpwuid(asked)
+
+
+@pytest.fixture
+def home(workdir: Path) -> Path:
+    """A home directory owned by nobody."""
+    path = workdir / "home"
+    path.mkdir()
+    os.chown(path, NOBODY, NOBODY)
+    return path
+
+
+def write(path: Path, text: str, uid: int = NOBODY, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    os.chown(path, uid, NOBODY)
+    os.chmod(path, mode)
+
+
+def read(home: Path, max_size: int = 1000) -> dict[str, FileState]:
+    return read_home_files(NOBODY, max_size, account(home))
+
+
+@requires_root
+def test_reads_the_files_that_exist(home: Path) -> None:
+    """Present files are read (or noted present), absent ones are absent."""
+    write(home / ".noident", "")
+    write(home / ".config" / "oidentd.conf", 'global { reply "x" }\n')
+    states = read(home)
+    assert set(states) == set(USER_FILES)
+    assert states[".noident"] == FileState(PRESENT)
+    assert states[".ident"] == FileState(ABSENT)
+    assert states[".config/oidentd.conf"] == FileState(CONTENT, b'global { reply "x" }\n')
+
+
+@requires_root
+def test_symlink_is_not_followed(home: Path) -> None:
+    """A link planted in place of a user file is refused, whatever it points to."""
+    (home / ".oidentd.conf").symlink_to("/etc/shadow")
+    (home / ".noident").symlink_to("/etc/passwd")
+    states = read(home)
+    assert states[".oidentd.conf"] == FileState(REFUSED, b"is a symbolic link")
+    assert states[".noident"] == FileState(REFUSED, b"is a symbolic link")
+
+
+@requires_root
+def test_read_as_the_user(home: Path) -> None:
+    """A file the user cannot read is not read for them, although the reader is root."""
+    write(home / ".procident.toml", 'action = "hide"\n', uid=NOBODY, mode=0o000)
+    os.chown(home / ".procident.toml", 0, 0)
+    states = read(home)
+    assert states[".procident.toml"].status == REFUSED
+    assert "Permission denied" in states[".procident.toml"].reason
+
+
+@requires_root
+def test_wrong_owner_refused(home: Path) -> None:
+    """A file owned by another user is refused (root's is accepted: an admin may place one)."""
+    write(home / ".oidentd.conf", 'global { reply "x" }\n', uid=1)
+    write(home / ".procident.toml", 'action = "hide"\n', uid=0)
+    states = read(home)
+    assert states[".oidentd.conf"] == FileState(REFUSED, b"is owned by uid 1, not the user")
+    assert states[".procident.toml"].status == CONTENT
+
+
+@requires_root
+def test_oversized_and_odd_files_refused(home: Path) -> None:
+    """Too large, writable by everyone, or not a regular file: refused with the reason."""
+    write(home / ".oidentd.conf", "#" * 1001)
+    write(home / ".procident.toml", 'action = "hide"\n', mode=0o666)
+    os.mkfifo(home / ".config")  # .config/oidentd.conf cannot be reached through a fifo
+    os.mkfifo(home / ".ident")
+    os.chown(home / ".ident", NOBODY, NOBODY)
+    states = read(home)
+    assert states[".oidentd.conf"] == FileState(REFUSED, b"is larger than 1000 bytes")
+    assert states[".procident.toml"] == FileState(REFUSED, b"is writable by everyone")
+    assert states[".ident"] == FileState(REFUSED, b"is not a regular file")
+    assert states[".config/oidentd.conf"] == FileState(ABSENT)
+
+
+@requires_root
+def test_identity_restored_after_reading(home: Path) -> None:
+    """The reader is root again afterwards, with its groups, so the next user can be read."""
+    before = (os.getresuid(), os.getresgid(), os.getgroups())
+    read(home)
+    assert (os.getresuid(), os.getresgid(), os.getgroups()) == before
+
+
+def test_no_account_no_files() -> None:
+    """A uid without a passwd entry has no home, so no files."""
+    assert read_home_files(3_000_000_000, 1000) == {}
+
+
+def test_states_round_trip() -> None:
+    """The helper's reply encodes every state and decodes to the same; garbage is refused."""
+    states = {
+        ".noident": FileState(PRESENT),
+        ".ident": FileState(ABSENT),
+        ".procident.toml": FileState(CONTENT, b"x" * 300),
+        ".config/oidentd.conf": FileState(REFUSED, b"is a symbolic link"),
+        ".oidentd.conf": FileState(CONTENT, b""),
+    }
+    assert decode_states(encode_states(states)) == states
+    assert decode_states(encode_states({})) == {}
+    for bad in (b"", b"\x07", encode_states(states)[:-5]):
+        with pytest.raises(ValueError):
+            decode_states(bad)
+
+
+def test_user_files_from_states() -> None:
+    """~/.procident.toml is preferred; ~/.config/oidentd.conf hides ~/.oidentd.conf (as in
+    oidentd); a broken file is a problem, not an error; oidentd files can be switched off."""
+    oidentd = FileState(CONTENT, b'global { reply "o" }')
+    both = {
+        ".config/oidentd.conf": FileState(CONTENT, b"global { hide }"),
+        ".oidentd.conf": oidentd,
+    }
+    files = user_files_from(both, UsersConfig())
+    assert files.choices is not None and files.choices.path == "~/.config/oidentd.conf"
+    files = user_files_from({".oidentd.conf": oidentd}, UsersConfig())
+    assert files.choices is not None and files.choices.path == "~/.oidentd.conf"
+    files = user_files_from(
+        {".procident.toml": FileState(CONTENT, b'action = "hide"'), ".oidentd.conf": oidentd},
+        UsersConfig(),
+    )
+    assert files.choices is not None and files.choices.path == "~/.procident.toml"
+    assert (
+        user_files_from({".oidentd.conf": oidentd}, UsersConfig(oidentd_files=False)).choices
+        is None
+    )
+    broken = user_files_from(
+        {".procident.toml": FileState(CONTENT, b"action = 5"), ".oidentd.conf": oidentd},
+        UsersConfig(),
+    )
+    assert broken.choices is not None and broken.choices.path == "~/.oidentd.conf"
+    assert broken.problems == (
+        "~/.procident.toml: action: must be one of reply, hide, random, "
+        "random-numeric, numeric, forward, not 5",
+    )
+    binary = user_files_from({".oidentd.conf": FileState(CONTENT, b"\xff\xfe")}, UsersConfig())
+    assert binary.choices is None and binary.problems == ("~/.oidentd.conf: not UTF-8 text",)
+    refused = user_files_from(
+        {".noident": FileState(REFUSED, b"is a symbolic link")}, UsersConfig()
+    )
+    assert refused.noident  # a ~/.noident of any kind is a wish to hide: honoured, and noted
+    assert refused.problems == ("~/.noident is a symbolic link",)
+
+
+@requires_root
+def test_helper_reads_for_the_unprivileged_daemon(home: Path) -> None:
+    """The forked helper answers requests over its socket; it ends when the socket closes."""
+    write(home / ".oidentd.conf", 'global { reply "x" }\n')
+    helper = HomeHelper(functools.partial(read_home_files, accounts=account(home)))
+    try:
+        states = helper.read(NOBODY, 1000)
+        assert states[".oidentd.conf"] == FileState(CONTENT, b'global { reply "x" }\n')
+        assert helper.read(3_000_000_000, 1000) == {}
+    finally:
+        helper.close()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(helper.pid, os.WNOHANG)  # reaped by close()
