@@ -214,7 +214,10 @@ class HomeHelper:
             end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.pid = os.fork()
         if self.pid == 0:  # pragma: no cover - runs in the child
-            self.sock.close()
+            # Keep nothing of the daemon's but this socket and stderr: no listeners.
+            keep = child.fileno()
+            os.closerange(3, keep)
+            os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
             code = 0
             try:
                 _serve_helper(child, reader)

@@ -51,6 +51,7 @@ LISTEN_BACKLOG = 128
 ACCEPT_BATCH = 64  # connections taken per readable listener, so no listener starves the rest
 ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE and the like
 REFUSAL_LOG_INTERVAL = 10.0
+MAX_OVERFLOW = 64  # connections over a cap kept open at once to be answered UNKNOWN-ERROR
 MALFORMED_REPLY = format_reply(0, 0, ErrorReply(ErrorType.INVALID_PORT))
 # Sections bound at start: listeners and the account (root is gone by a
 # reload), the lookup backend, and the token key (readable by root only).
@@ -139,6 +140,7 @@ class Session:
         "eof",
         "events",
         "forwarding",
+        "refused",
     )
 
     def __init__(self, sock: socket.socket, peer: Endpoint, local: IPAddress, deadline: float):
@@ -156,6 +158,9 @@ class Session:
         self.events = 0  # the selector events registered (0: not registered)
         # An answer waiting for an application's ident server: (client, query, answer).
         self.forwarding: tuple[ForwardClient, Query, Answer] | None = None
+        # Over a limit, with limits.over_limit = "error": the limit's name; its next
+        # query is answered UNKNOWN-ERROR, then the connection is closed.
+        self.refused = ""
 
 
 class Server:
@@ -180,6 +185,7 @@ class Server:
         # order when a session moves to the end (apply() keeps it on reload).
         self.sessions: OrderedDict[Session, None] = OrderedDict()
         self.per_client: dict[object, int] = {}
+        self.overflow = 0  # sessions over a connection cap, only to be refused (see Session)
         # Sessions waiting for a forward, in order of its deadline (one timeout for all).
         self.forwards: OrderedDict[Session, float] = OrderedDict()
         self.limiter = self._limiter(config)
@@ -386,15 +392,24 @@ class Server:
         if not allowed(peer.address, self.config.access):
             self._refuse(sock, peer, "access")
             return
-        if len(self.sessions) >= limits.max_connections:
-            self._refuse(sock, peer, "max_connections")
-            return
-        if self.per_client.get(key, 0) >= limits.per_client_connections:
-            self._refuse(sock, peer, "per_client_connections")
+        over = ""
+        if len(self.sessions) - self.overflow >= limits.max_connections:
+            over = "max_connections"
+        elif self.per_client.get(key, 0) >= limits.per_client_connections:
+            over = "per_client_connections"
+        if over and (limits.over_limit == "close" or self.overflow >= MAX_OVERFLOW):
+            self._refuse(sock, peer, over)
             return
         session = Session(sock, peer, local, self.clock() + limits.idle_timeout)
         self.sessions[session] = None
-        self.per_client[key] = self.per_client.get(key, 0) + 1
+        if over:
+            # over_limit = "error": its query gets UNKNOWN-ERROR. Such sessions are
+            # few (MAX_OVERFLOW) and count against no cap, so they hold no client back.
+            self._refuse(None, peer, over)
+            session.refused = over
+            self.overflow += 1
+        else:
+            self.per_client[key] = self.per_client.get(key, 0) + 1
         session.events = selectors.EVENT_READ
         self.selector.register(sock, session.events, functools.partial(self._on_event, session))
         # Clients send their query right after connecting: read it now, in this turn
@@ -455,6 +470,12 @@ class Server:
             and len(session.output) < MAX_OUTPUT
         ):
             self._answer(session, session.pending.popleft())
+        if (
+            session.refused == "max_queries_per_connection"
+            and not session.pending
+            and session.forwarding is None
+        ):
+            session.closing = True  # no query waits to hear it is one too many
         if session.closing and session.forwarding is None:
             session.pending.clear()
         if session not in self.sessions:
@@ -488,9 +509,20 @@ class Server:
             self._queue(session, MALFORMED_REPLY)
             session.closing = True
             return
+        limits = self.config.limits
         session.queries += 1
-        if session.queries >= self.config.limits.max_queries_per_connection:
+        if session.refused:
+            # Over a cap, with over_limit = "error": this answer, then close.
             session.closing = True
+            line = format_reply(event.server_port, event.client_port, UNKNOWN_ERROR)
+            self._log_answer(session, event, line, f"limits.{session.refused}")
+            self._queue(session, line)
+            return
+        if session.queries >= limits.max_queries_per_connection:
+            if limits.over_limit == "error":
+                session.refused = "max_queries_per_connection"
+            else:
+                session.closing = True
         if not self.limiter.allow(session.key, self.clock()):
             self._refuse(None, session.peer, "per_client_rate")
             if self.config.limits.over_limit == "close":
@@ -616,11 +648,14 @@ class Server:
             return
         del self.sessions[session]
         self._drop_forward(session)
-        count = self.per_client[session.key] - 1
-        if count:
-            self.per_client[session.key] = count
+        if session.refused in ("max_connections", "per_client_connections"):
+            self.overflow -= 1
         else:
-            del self.per_client[session.key]
+            count = self.per_client[session.key] - 1
+            if count:
+                self.per_client[session.key] = count
+            else:
+                del self.per_client[session.key]
         if session.events:
             self.selector.unregister(session.sock)
         session.sock.close()

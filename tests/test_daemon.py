@@ -200,11 +200,20 @@ def test_overlong_line_closed_without_reply(start_daemon, size: int) -> None:
     assert daemon.ask(b"1,1\r\n") == b"1,1:ERROR:NO-USER\r\n"
 
 
-def test_max_queries_per_connection(start_daemon) -> None:
-    """After max_queries_per_connection replies the connection is closed."""
-    daemon = start_daemon("[limits]\nmax_queries_per_connection = 3\n")
+@pytest.mark.parametrize(
+    ("over_limit", "after"), [("close", b""), ("error", b"1,1:ERROR:UNKNOWN-ERROR\r\n")]
+)
+def test_max_queries_per_connection(start_daemon, over_limit: str, after: bytes) -> None:
+    """After max_queries_per_connection replies the connection is closed; with over_limit
+    "error" a query already sent past the cap is answered UNKNOWN-ERROR first."""
+    daemon = start_daemon(
+        f'[limits]\nmax_queries_per_connection = 3\nover_limit = "{over_limit}"\n'
+    )
     with daemon.connect() as sock:
         sock.sendall(b"1,1\r\n" * 5)
+        assert read_all(sock) == b"1,1:ERROR:NO-USER\r\n" * 3 + after
+    with daemon.connect() as sock:  # exactly at the cap: closed without waiting
+        sock.sendall(b"1,1\r\n" * 3)
         assert read_all(sock) == b"1,1:ERROR:NO-USER\r\n" * 3
 
 
@@ -292,8 +301,11 @@ def test_client_that_never_reads_is_not_read_and_is_closed(start_daemon) -> None
 
 
 def test_global_connection_cap(start_daemon) -> None:
-    """Past max_connections, new connections are closed at once; a freed slot is usable."""
-    daemon = start_daemon("[limits]\nmax_connections = 3\nper_client_connections = 10\n")
+    """Past max_connections, new connections are closed at once (over_limit "close"); a
+    freed slot is usable."""
+    daemon = start_daemon(
+        '[limits]\nmax_connections = 3\nper_client_connections = 10\nover_limit = "close"\n'
+    )
     held = [daemon.connect() for _ in range(3)]
     for sock in held:  # make sure the daemon has taken all three
         sock.sendall(b"0,1\r\n")
@@ -307,9 +319,28 @@ def test_global_connection_cap(start_daemon) -> None:
         sock.close()
 
 
+def test_connection_caps_with_over_limit_error(start_daemon) -> None:
+    """With over_limit "error", a connection past a cap has its query answered
+    UNKNOWN-ERROR and is closed; it takes no slot from anyone."""
+    daemon = start_daemon("[limits]\nmax_connections = 2\nper_client_connections = 1\n")
+    held = daemon.connect()
+    held.sendall(b"0,1\r\n")
+    assert read_line(held) == b"0,1:ERROR:INVALID-PORT\r\n"
+    assert daemon.ask(b"7,8\r\n") == b"7,8:ERROR:UNKNOWN-ERROR\r\n"  # per client
+    daemon.wait_log(r"refused 1 connection\(s\) over limits.per_client_connections")
+    other = daemon.connect(source="127.0.0.5")
+    other.sendall(b"0,1\r\n")
+    assert read_line(other) == b"0,1:ERROR:INVALID-PORT\r\n"
+    assert daemon.ask(b"7,8\r\n", source="127.0.0.6") == b"7,8:ERROR:UNKNOWN-ERROR\r\n"
+    daemon.wait_log(r"refused 1 connection\(s\) over limits.max_connections")
+    held.close()
+    other.close()
+    wait_for(lambda: daemon.ask(b"1,1\r\n") == b"1,1:ERROR:NO-USER\r\n", IO_TIMEOUT)
+
+
 def test_per_client_connection_cap(start_daemon) -> None:
     """Past per_client_connections from one address, it is refused; other clients are not."""
-    daemon = start_daemon("[limits]\nper_client_connections = 2\n")
+    daemon = start_daemon('[limits]\nper_client_connections = 2\nover_limit = "close"\n')
     held = [daemon.connect() for _ in range(2)]
     for sock in held:
         sock.sendall(b"0,1\r\n")

@@ -13,12 +13,14 @@ import ctypes
 import ctypes.util
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from conftest import requires_root
-from harness import owned_connection
+from harness import owned_connection, proc_status
 
 from procident.cli import main
 
@@ -113,8 +115,13 @@ def test_noident_opt_out(start_daemon, accounts, home: Path) -> None:
     """~/.noident hides its owner, read by the root helper after the daemon dropped to
     nobody; removing it names the owner again (cache_seconds = 0)."""
     daemon = start_daemon("[users]\nnoident = true\ncache_seconds = 0\n", preexec_fn=accounts)
-    daemon.wait_log(r"user files are read by helper process \d+")
+    helper = int(daemon.wait_log(r"user files are read by helper process (\d+)")[1])
     daemon.wait_log(r"dropped privileges to user nobody")
+    assert proc_status(daemon.pid)["Uid"].split() == ["65534"] * 4
+    assert proc_status(helper)["Uid"].split() == ["0"] * 4  # only the helper keeps root
+    # ... and holds none of the daemon's sockets: stdin/out/err and its own socketpair.
+    links = [os.readlink(f"/proc/{helper}/fd/{fd}") for fd in os.listdir(f"/proc/{helper}/fd")]
+    assert sum(link.startswith("socket:") for link in links) == 1 and len(links) == 4
     (home / ".noident").touch()
     os.chown(home / ".noident", USER_UID, USER_UID)
     reply, head = ask_owned(daemon)
@@ -123,6 +130,9 @@ def test_noident_opt_out(start_daemon, accounts, home: Path) -> None:
     (home / ".noident").unlink()
     reply, head = ask_owned(daemon)
     assert reply == head + b"USERID:UNIX:pidtest\r\n"
+    assert daemon.stop() == 0
+    # The daemon closed the helper's socket and reaped it on the way out.
+    assert not os.path.exists(f"/proc/{helper}")
 
 
 def test_planted_link_is_not_followed(start_daemon, accounts, home: Path) -> None:
@@ -201,3 +211,79 @@ def test_token_decodes(start_daemon, workdir: Path) -> None:
     assert f"127.0.0.1:{conn.local[1]} (this host) <-> 127.0.0.1:{conn.remote[1]}" in result.output
     altered = token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]
     assert CliRunner().invoke(main, ["decode-token", "-k", str(key_file), altered]).exit_code == 1
+
+
+def run_cli(accounts, *args: str) -> subprocess.CompletedProcess[str]:
+    """procident ARGS as a separate process that sees the test account."""
+    return subprocess.run(
+        [sys.executable, "-m", "procident", *args],
+        capture_output=True,
+        text=True,
+        preexec_fn=accounts,
+        timeout=30,
+    )
+
+
+def test_check_config_user(accounts, home: Path, workdir: Path) -> None:
+    """check-config --user shows each file's state and the choices read; a broken or unsafe
+    file is a problem (exit 1), with the reason."""
+    config = workdir / "c.toml"
+    config.write_text('[[rules]]\nusers = ["pidtest"]\naction = "real"\nuser_may = ["spoof"]\n')
+    conf = home / ".oidentd.conf"
+    conf.write_text('global { reply "zncuser" }\nlport 40000:40100 { hide }\n')
+    os.chown(conf, USER_UID, USER_UID)
+    result = run_cli(accounts, "check-config", "--user", "pidtest", str(config))
+    assert result.returncode == 0, result.stderr
+    assert f"user pidtest (uid {USER_UID}), home {home}:" in result.stdout
+    assert "  ~/.oidentd.conf: 54 bytes" in result.stdout
+    assert "  ~/.noident: absent" in result.stdout
+    assert "    ~/.oidentd.conf line 2: hide for lport 40000-40100" in result.stdout
+    assert "    ~/.oidentd.conf line 1: reply 'zncuser' (any connection)" in result.stdout
+    conf.write_text("global { forward 127.0.0.1 1113 }\n")
+    (home / ".procident.toml").symlink_to("/etc/passwd")
+    result = run_cli(accounts, "check-config", "-u", "pidtest", str(config))
+    assert result.returncode == 1
+    assert "problem: ~/.procident.toml is a symbolic link" in result.stderr
+    assert "problem: ~/.oidentd.conf: line 1: 'forward' is not read here" in result.stderr
+    result = run_cli(accounts, "check-config", "-u", "nosuchuser", str(config))
+    assert result.returncode == 1 and "no user named 'nosuchuser'" in result.stderr
+
+
+def test_lookup_shows_the_users_choice(accounts, home: Path, workdir: Path) -> None:
+    """lookup names each rule consulted, the user file that chose, and the reply."""
+    config = workdir / "c.toml"
+    config.write_text(
+        '[[rules]]\nusers = ["root"]\naction = "hide"\n'
+        '[[rules]]\nname = "bouncer"\nusers = ["pidtest"]\naction = "real"\nuser_may = ["spoof"]\n'
+    )
+    conf = home / ".oidentd.conf"
+    conf.write_text('global { reply "zncuser" }\n')
+    os.chown(conf, USER_UID, USER_UID)
+    with owned_connection(USER_UID, SERVICE4, "127.0.0.1") as conn:
+        local, remote = f"127.0.0.1:{conn.local[1]}", f"127.0.0.1:{conn.remote[1]}"
+        result = run_cli(accounts, "lookup", "-c", str(config), local, remote)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[3:] == [
+        "policy:     rules[0]: no match (owner)",
+        "policy:     bouncer: matches; action real",
+        "policy:     ~/.oidentd.conf line 1: the owner chooses reply",
+        "rule:       bouncer+~/.oidentd.conf line 1",
+        f"reply:      {conn.local[1]},{conn.remote[1]}:USERID:OTHER:zncuser",
+    ]
+
+
+def test_token_commands_refuse_bad_input(workdir: Path) -> None:
+    """decode-token without a usable key file, or with a foreign token, exits 1 with why;
+    serve refuses to start a token rule without a key file, naming the key."""
+    key_file = workdir / "k"
+    result = CliRunner().invoke(main, ["decode-token", "-k", str(key_file), "AAAA"])
+    assert result.exit_code == 1 and "cannot read: No such file or directory" in result.output
+    CliRunner().invoke(main, ["token-key", str(key_file)])
+    result = CliRunner().invoke(main, ["decode-token", "-k", str(key_file), "AAAA"])
+    assert result.exit_code == 1 and "not a token: wrong length" in result.output
+    config = workdir / "c.toml"
+    config.write_text(f'[tokens]\nkey_file = "{workdir}/absent"\n[[rules]]\naction = "token"\n')
+    result = CliRunner().invoke(main, ["serve", "-c", str(config), "-l", "127.0.0.1:0"])
+    assert result.exit_code == 1
+    assert "tokens.key_file: " in result.output and "procident token-key" in result.output

@@ -370,3 +370,21 @@ def test_reload_keeps_the_rate_table_unless_limits_change(make) -> None:
     changed = parse_config(tomllib.loads("[limits]\nper_client_rate = 2\n"))
     fixture.server.apply(changed)
     assert fixture.server.limiter is not limiter and fixture.server.limiter.rate == 2
+
+
+def test_connections_over_a_cap_are_bounded(make) -> None:
+    """With over_limit "error", at most MAX_OVERFLOW connections over a cap are held (to be
+    answered UNKNOWN-ERROR); beyond that they are closed at once, and none takes a slot."""
+    from procident.server import MAX_OVERFLOW
+
+    fixture = make("[limits]\nmax_connections = 1\n")
+    server = fixture.server
+    clients = [connect(server) for _ in range(MAX_OVERFLOW + 11)]
+    pump(server, 10)
+    assert server.overflow == MAX_OVERFLOW and len(server.sessions) == MAX_OVERFLOW + 1
+    closed = sum(received(c) is None for c in clients)
+    assert closed == 10
+    for client in clients:
+        client.close()
+    pump(server, 10)
+    assert server.overflow == 0 and not server.sessions and not server.per_client
