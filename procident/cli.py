@@ -242,6 +242,11 @@ def serve(
             log.warning("log.target and the syslog settings take effect at the next start")
         if reads_user_files(new) and read_files is None:
             log.warning("user files are read only if the configuration at start reads them")
+        if uses_tokens(new) and tokens is None:
+            log.warning(
+                "the token key is read only if the configuration at start uses tokens; "
+                "until a restart, token rules answer UNKNOWN-ERROR"
+            )
         return new
 
     accounts = Accounts(config, read_files)

@@ -23,6 +23,7 @@ import signal
 import socket
 import stat
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,11 +46,12 @@ log = logging.getLogger(__name__)
 USER_FILES = (NOIDENT, IDENT, PROCIDENT_FILE, *OIDENTD_FILES)
 _PRESENCE_ONLY = (NOIDENT, IDENT)
 HELPER_TIMEOUT = 1.0
-MAX_REQUEST_SIZE = 16  # a uid and a size cap
+MAX_REQUEST_SIZE = 32  # a request number, a uid and a size cap
 # status of one file in a reply
 ABSENT, PRESENT, CONTENT, REFUSED = 0, 1, 2, 3
 _ITEM = struct.Struct("!BI")
-_REQUEST = struct.Struct("!II")
+_REQUEST = struct.Struct("!QII")  # request number, uid, size cap
+_REPLY_HEAD = struct.Struct("!Q")  # the request number the reply answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,27 +227,30 @@ class HomeHelper:
                 code = 1
             os._exit(code)
         child.close()
-        self.sock.settimeout(HELPER_TIMEOUT)
+        self.requests = 0
 
     def read(self, uid: int, max_size: int) -> dict[str, FileState]:
-        """The states of the files of `uid`; HelperError if the helper fails to answer."""
+        """The states of the files of `uid`; HelperError if the helper fails to answer
+        within HELPER_TIMEOUT seconds."""
+        self.requests += 1
+        number = self.requests
+        deadline = time.monotonic() + HELPER_TIMEOUT
         try:
-            # A late answer to an earlier request that timed out may be waiting.
-            self.sock.setblocking(False)
-            try:
-                while self.sock.recv(1 << 20):
-                    pass
-            except BlockingIOError:
-                pass
             self.sock.settimeout(HELPER_TIMEOUT)
-            self.sock.send(_REQUEST.pack(uid, max_size))
-            data = self.sock.recv(len(USER_FILES) * (max_size + 512) + 64)
+            self.sock.send(_REQUEST.pack(number, uid, max_size))
+            while True:
+                # Each reply carries its request's number: a late answer to an earlier
+                # request that timed out (another user's files) is skipped, never used.
+                self.sock.settimeout(max(0.001, deadline - time.monotonic()))
+                data = self.sock.recv(_REPLY_HEAD.size + len(USER_FILES) * (max_size + 512))
+                if not data:
+                    raise HelperError("the user-file helper has exited")
+                if len(data) >= _REPLY_HEAD.size and _REPLY_HEAD.unpack_from(data)[0] == number:
+                    break
         except OSError as err:
             raise HelperError(f"the user-file helper did not answer: {err}") from None
-        if not data:
-            raise HelperError("the user-file helper has exited")
         try:
-            return decode_states(data)
+            return decode_states(data[_REPLY_HEAD.size :])
         except ValueError as err:
             raise HelperError(str(err)) from None
 
@@ -271,10 +276,10 @@ def _serve_helper(
             return
         if len(request) != _REQUEST.size:
             continue
-        uid, max_size = _REQUEST.unpack(request)
+        number, uid, max_size = _REQUEST.unpack(request)
         max_size = min(max_size, 65536)
         try:
             states = reader(uid, max_size)
         except OSError as err:
             states = {name: FileState(REFUSED, str(err).encode()) for name in USER_FILES}
-        sock.send(encode_states(states))
+        sock.send(_REPLY_HEAD.pack(number) + encode_states(states))

@@ -282,6 +282,9 @@ class Responder:
         except LookupFailed as err:
             log.error("lookup of %s failed: %s", _describe(conn), err)
             rule = "lookup-failed"
+        except TokenError as err:
+            log.error("cannot make a token: %s", err)
+            rule = "token-failed"
         except Exception:
             log.exception("unexpected error answering %s", _describe(conn))
             rule = "internal-error"

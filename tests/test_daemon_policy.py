@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import requires_root
-from harness import owned_connection, proc_status
+from harness import owned_connection, proc_status, wait_for
 
 from procident.cli import main
 
@@ -287,3 +287,20 @@ def test_token_commands_refuse_bad_input(workdir: Path) -> None:
     result = CliRunner().invoke(main, ["serve", "-c", str(config), "-l", "127.0.0.1:0"])
     assert result.exit_code == 1
     assert "tokens.key_file: " in result.output and "procident token-key" in result.output
+
+
+def test_reload_cannot_add_what_needs_root(start_daemon) -> None:
+    """A reload that adds a token rule or user files (both need root, gone by then) says
+    so; token rules answer UNKNOWN-ERROR and unreadable files hide, until a restart."""
+    daemon = start_daemon()
+    daemon.reload('[[rules]]\nuids = [1]\naction = "token"\n')
+    daemon.wait_log(r"the token key is read only if the configuration at start uses tokens")
+    daemon.wait_log(r"configuration reloaded")
+    reply, head = ask_owned(daemon, uid=1)
+    assert reply == head + b"ERROR:UNKNOWN-ERROR\r\n"
+    daemon.reload("[users]\nnoident = true\n")
+    daemon.wait_log(r"user files are read only if the configuration at start reads them")
+    wait_for(lambda: daemon.log().count("configuration reloaded") == 2, 5)
+    reply, head = ask_owned(daemon, uid=2)  # bin: its files cannot be read, so hidden
+    assert reply == head + b"ERROR:HIDDEN-USER\r\n"
+    daemon.wait_log(r"rule=users\.unreadable")

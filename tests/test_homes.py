@@ -194,3 +194,27 @@ def test_helper_reads_for_the_unprivileged_daemon(home: Path) -> None:
         helper.close()
     with pytest.raises(ChildProcessError):
         os.waitpid(helper.pid, os.WNOHANG)  # reaped by close()
+
+
+def test_a_late_answer_is_never_taken_for_the_next(monkeypatch) -> None:
+    """When the helper answers one request late, that answer (about another user) is
+    skipped: the next request gets its own answer or none."""
+    import time
+
+    from procident import homes
+
+    monkeypatch.setattr(homes, "HELPER_TIMEOUT", 0.2)
+
+    def slow_for_uid_1(uid: int, max_size: int) -> dict[str, FileState]:
+        if uid == 1:
+            time.sleep(0.5)
+        return {".noident": FileState(PRESENT if uid == 1 else ABSENT)}
+
+    helper = HomeHelper(slow_for_uid_1)
+    try:
+        with pytest.raises(homes.HelperError, match="did not answer"):
+            helper.read(1, 100)
+        time.sleep(0.5)  # uid 1's answer is now waiting in the socket
+        assert helper.read(2, 100)[".noident"] == FileState(ABSENT)
+    finally:
+        helper.close()

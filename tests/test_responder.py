@@ -174,8 +174,8 @@ def test_token_without_key_is_unknown_error(caplog) -> None:
         answer = Responder(DictBackend({CONN: entry(1000)}), config, NAMES.get).respond(
             QUERY, CONN, 0.0
         )
-    assert answer.line == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n"
-    assert "no token key is loaded" in caplog.text
+    assert answer.line == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n" and answer.rule == "token-failed"
+    assert "no token key is loaded" in caplog.text and "Traceback" not in caplog.text
 
 
 def test_reply_all_needs_no_lookup() -> None:
