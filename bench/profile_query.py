@@ -34,7 +34,7 @@ def main(n: int) -> None:
     log = logging.getLogger("procident")
     log.setLevel(logging.INFO)
     log.addHandler(logging.StreamHandler(io.StringIO()))  # format every line, keep none
-    config = replace(Config(), limits=LimitsConfig(per_client_connections=100))
+    config = replace(Config(), limits=LimitsConfig(per_client_connections=100, per_client_rate=0))
     listen = (Endpoint(ipaddress.IPv4Address("127.0.0.1"), 0),)
     server = Server(config, Responder(NetlinkBackend(), config), open_listeners(listen))
     address = server.listeners[0].getsockname()
