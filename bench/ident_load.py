@@ -24,9 +24,11 @@ Servers run on CPU 0, the load generator on CPU 1. Run as root:
 
     python3 bench/ident_load.py [--sizes 100,1000,10000] [--queries 10000] [--concurrency 50]
 
-Each N is measured in --repeat rounds over all servers, after a warm-up of each,
-and each server's best run is kept (the machines are shared and noisy). Every run is bounded by
---queries and --seconds; all addresses are loopback.
+The measurement runs in --repeat rounds; each round builds every N in turn and
+runs every server once against it, after a warm-up, so that a slow spell of
+this shared machine spoils one sample, not one server or one N. Each server's
+best run per N is kept. Every run is bounded by --queries and --seconds; all
+addresses are loopback.
 """
 
 from __future__ import annotations
@@ -460,59 +462,22 @@ def main() -> None:
     header = f"{'N':>6} {'server':<17} {'workload':<7} {'q/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/q':>9} {'peak MB':>8} {'wrong':>6} {'failed':>6}"
     print(header)
     try:
-        for n in sizes:
-            connections, pids = build_connections(n)
-            time.sleep(SETTLE)  # let the kernel finish with N fresh connections
-            try:
-                live: list[tuple[bytes, str | None]] = [
-                    (b"%d,%d\r\n" % (c, s), name)
-                    for c, s, name in (rng.choice(connections) for _ in range(args.queries))
-                ]
-                absent: list[tuple[bytes, str | None]] = [
-                    (b"%d,%d\r\n" % (rng.randint(1024, 65535), rng.randint(1, 1023)), None)
-                    for _ in range(args.queries)
-                ]
-                starters = [
-                    lambda: procident_server("netlink", workdir),
-                    lambda: procident_server("procfs", workdir),
-                    constant_server,
-                    oidentd_server,
-                ]
-                # Rounds: each starts every server in turn, so a few slow seconds on this
-                # shared machine spoil one sample of each server, not all of one server's.
-                for _ in range(args.repeat):
-                    for starter in starters:
-                        server = starter()
-                        if server is None:
-                            continue
-                        try:
-                            load(
-                                server, live[:WARM_UP], args.concurrency, args.seconds
-                            )  # discarded
-                            for workload, queries in (("live", live), ("absent", absent)):
-                                result = load(server, queries, args.concurrency, args.seconds)
-                                result.peak_kib = status_kib(server.process.pid, "VmHWM")
-                                result.checked = server.checks_answers
-                                best = results.get((n, server.name, workload))
-                                if best is None or result.throughput > best.throughput:
-                                    results[n, server.name, workload] = result
-                        finally:
-                            server.stop()
-                for (size, name, workload), result in results.items():
-                    if size != n:
-                        continue
-                    wrong = str(result.wrong) if result.checked else "-"
-                    print(
-                        f"{n:>6} {name:<17} {workload:<7} {result.throughput:>8.0f} "
-                        f"{result.percentile(0.5):>7.2f} {result.percentile(0.99):>7.2f} "
-                        f"{result.cpu_ticks / ticks / max(result.answered, 1) * 1e6:>9.0f} "
-                        f"{result.peak_kib / 1024:>8.1f} {wrong:>6} {result.failed:>6}",
-                        flush=True,
-                    )
-            finally:
-                for pid in pids:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
+        # Rounds: each builds every N in turn and runs every server once against it, so
+        # a few slow seconds on this shared machine spoil one sample of each server at
+        # one N, not all of one server's, nor all of one N's (which would skew the
+        # comparison between sizes). Each server's best sample per N is kept.
+        for _ in range(args.repeat):
+            for n in sizes:
+                measure_size(n, args, workdir, rng, results)
+        for (n, name, workload), result in results.items():
+            wrong = str(result.wrong) if result.checked else "-"
+            print(
+                f"{n:>6} {name:<17} {workload:<7} {result.throughput:>8.0f} "
+                f"{result.percentile(0.5):>7.2f} {result.percentile(0.99):>7.2f} "
+                f"{result.cpu_ticks / ticks / max(result.answered, 1) * 1e6:>9.0f} "
+                f"{result.peak_kib / 1024:>8.1f} {wrong:>6} {result.failed:>6}",
+                flush=True,
+            )
         report(results, sizes)
         print(f"\nmemory with {IDLE_CONNECTIONS} idle connections open:")
         for starter in (lambda: procident_server("netlink", workdir), oidentd_server):
@@ -527,6 +492,53 @@ def main() -> None:
                     server.stop()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def measure_size(
+    n: int,
+    args: argparse.Namespace,
+    workdir: str,
+    rng: random.Random,
+    results: dict[tuple[int, str, str], Result],
+) -> None:
+    """Build N owned connections, run every server once against them (live, then absent
+    queries, after a warm-up), keep each one's best result so far, then tear them down."""
+    connections, pids = build_connections(n)
+    try:
+        time.sleep(SETTLE)  # let the kernel finish with N fresh connections
+        live: list[tuple[bytes, str | None]] = [
+            (b"%d,%d\r\n" % (c, s), name)
+            for c, s, name in (rng.choice(connections) for _ in range(args.queries))
+        ]
+        absent: list[tuple[bytes, str | None]] = [
+            (b"%d,%d\r\n" % (rng.randint(1024, 65535), rng.randint(1, 1023)), None)
+            for _ in range(args.queries)
+        ]
+        starters = [
+            lambda: procident_server("netlink", workdir),
+            lambda: procident_server("procfs", workdir),
+            constant_server,
+            oidentd_server,
+        ]
+        for starter in starters:
+            server = starter()
+            if server is None:
+                continue
+            try:
+                load(server, live[:WARM_UP], args.concurrency, args.seconds)  # discarded
+                for workload, queries in (("live", live), ("absent", absent)):
+                    result = load(server, queries, args.concurrency, args.seconds)
+                    result.peak_kib = status_kib(server.process.pid, "VmHWM")
+                    result.checked = server.checks_answers
+                    best = results.get((n, server.name, workload))
+                    if best is None or result.throughput > best.throughput:
+                        results[n, server.name, workload] = result
+            finally:
+                server.stop()
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 def report(results: dict[tuple[int, str, str], Result], sizes: list[int]) -> None:
