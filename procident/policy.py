@@ -9,6 +9,7 @@ tests can give both. The per-client rate limiter is here too, with time passed i
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import string
 from collections import OrderedDict
@@ -338,6 +339,14 @@ def mask(reply: Reply, config: ReplyConfig) -> Reply:
     if config.mask_errors and reply in (NO_USER, HIDDEN_USER):
         return UNKNOWN_ERROR
     return reply
+
+
+def client_key(address: IPAddress) -> IPAddress | ipaddress.IPv6Network:
+    """What counts as one client for the per-client cap: an IPv4 address, or an IPv6 /64
+    (one host commonly holds a whole /64, so counting addresses would cap nothing)."""
+    if address.version == 6:
+        return ipaddress.IPv6Network((int(address) >> 64 << 64, 64))
+    return address
 
 
 def allowed(address: IPAddress, access: AccessConfig) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import ipaddress
 import logging
 import selectors
 import signal
@@ -25,7 +24,7 @@ from types import FrameType
 from procident.config import Config, ConfigError
 from procident.forward import ForwardClient, ForwardFailed
 from procident.lookup import ConnectionId, Endpoint, IPAddress, endpoint_from_sockaddr
-from procident.policy import UNKNOWN_ERROR, RateLimiter, allowed
+from procident.policy import UNKNOWN_ERROR, RateLimiter, allowed, client_key
 from procident.protocol import (
     ErrorReply,
     ErrorType,
@@ -113,14 +112,6 @@ def _listen(endpoint: Endpoint) -> socket.socket | None:
             return None
         raise ListenError(f"cannot listen on {endpoint}: {err.strerror}") from None
     return sock
-
-
-def client_key(address: IPAddress) -> IPAddress | ipaddress.IPv6Network:
-    """What counts as one client for the per-client cap: an IPv4 address, or an IPv6 /64
-    (one host commonly holds a whole /64, so counting addresses would cap nothing)."""
-    if address.version == 6:
-        return ipaddress.IPv6Network((int(address) >> 64 << 64, 64))
-    return address
 
 
 class Session:

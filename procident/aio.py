@@ -1,0 +1,221 @@
+"""An ident server on an asyncio loop, answering from a program's own lookup.
+
+    import asyncio, procident.aio
+
+    def lookup(conn: procident.ConnectionId) -> str | None:
+        return my_connections.get((conn.local.port, conn.remote.port))
+
+    asyncio.run(procident.aio.serve_ident(lookup, "0.0.0.0", 113))
+
+The protocol rules and limits are the daemon's (PROTOCOL.md and [limits] of
+procident.toml(5)): the same query reader, one reply per line in order,
+INVALID-PORT for ports out of range, 0,0:INVALID-PORT and close for a line that
+is no port pair, close without reply past 1000 bytes without an end of line,
+the idle timeout restarted by each reply, a cap on queries per connection, on
+connections in all and per client (an IPv4 address or an IPv6 /64), and a
+per-client query rate. A lookup may be a coroutine function: it is awaited for
+at most `lookup_timeout` seconds, and UNKNOWN-ERROR answers when it fails or
+runs late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from procident.config import LimitsConfig
+from procident.embed import Lookup, failure_line, reply_from, reply_line
+from procident.lookup import ConnectionId, Endpoint, endpoint_from_sockaddr
+from procident.policy import RateLimiter, client_key
+from procident.protocol import (
+    ErrorReply,
+    ErrorType,
+    InvalidPort,
+    Malformed,
+    Overlong,
+    Query,
+    QueryReader,
+    format_reply,
+)
+
+__all__ = ["IdentServer", "serve_ident", "start_ident_server"]
+
+log = logging.getLogger(__name__)
+
+_RECV_SIZE = 4096
+_MAX_OUTPUT = 4096  # unsent reply bytes past which a client is no longer read
+_MALFORMED = format_reply(0, 0, ErrorReply(ErrorType.INVALID_PORT))
+_UNKNOWN = ErrorReply(ErrorType.UNKNOWN_ERROR)
+
+
+@dataclass
+class IdentServer:
+    """A running ident server: the asyncio.Server, and its counts of open connections."""
+
+    server: asyncio.Server
+    lookup: Lookup
+    limits: LimitsConfig
+    lookup_timeout: float
+    connections: int = 0
+    per_client: dict[object, int] = field(default_factory=dict)
+    limiter: RateLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        limits = self.limits
+        self.limiter = RateLimiter(
+            limits.per_client_rate, limits.per_client_burst, limits.clients_tracked
+        )
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        """The listening sockets (for their addresses)."""
+        return tuple(self.server.sockets)
+
+    def close(self) -> None:
+        """Stop listening; open connections end at their next step."""
+        self.server.close()
+
+    async def wait_closed(self) -> None:
+        await self.server.wait_closed()
+
+
+async def start_ident_server(
+    lookup: Lookup,
+    host: str | None = "127.0.0.1",
+    port: int = 113,
+    *,
+    limits: LimitsConfig | None = None,
+    lookup_timeout: float = 5.0,
+) -> IdentServer:
+    """Listen on host:port (host None: every address) and answer ident queries from
+    `lookup`; returns once listening. Close it with .close() and await .wait_closed()."""
+    state: IdentServer | None = None
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert state is not None
+        await _serve_connection(state, reader, writer)
+
+    server = await asyncio.start_server(handle, host, port, limit=_RECV_SIZE)
+    state = IdentServer(server, lookup, limits or LimitsConfig(), lookup_timeout)
+    return state
+
+
+async def serve_ident(
+    lookup: Lookup,
+    host: str | None = "127.0.0.1",
+    port: int = 113,
+    *,
+    limits: LimitsConfig | None = None,
+    lookup_timeout: float = 5.0,
+) -> None:
+    """Serve ident queries from `lookup` until cancelled."""
+    server = await start_ident_server(
+        lookup, host, port, limits=limits, lookup_timeout=lookup_timeout
+    )
+    try:
+        await server.server.serve_forever()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def _serve_connection(
+    state: IdentServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    limits = state.limits
+    loop = asyncio.get_running_loop()
+    try:
+        peer = endpoint_from_sockaddr(writer.get_extra_info("peername"))
+        local = endpoint_from_sockaddr(writer.get_extra_info("sockname"))
+    except (OSError, TypeError, ValueError):  # reset before we looked
+        writer.close()
+        return
+    key = client_key(peer.address)
+    if (
+        state.connections >= limits.max_connections
+        or state.per_client.get(key, 0) >= limits.per_client_connections
+    ):
+        writer.close()
+        return
+    state.connections += 1
+    state.per_client[key] = state.per_client.get(key, 0) + 1
+    writer.transport.set_write_buffer_limits(high=_MAX_OUTPUT)
+    queries = 0
+    refused = False  # past max_queries_per_connection, with over_limit = "error"
+    deadline = loop.time() + limits.idle_timeout
+    query_reader = QueryReader()
+    try:
+        while True:
+            data = await asyncio.wait_for(reader.read(_RECV_SIZE), deadline - loop.time())
+            if not data:
+                return  # every complete line has been answered
+            for event in query_reader.feed(data):
+                if isinstance(event, Overlong):
+                    return
+                if isinstance(event, Malformed):
+                    writer.write(_MALFORMED)
+                    await asyncio.wait_for(writer.drain(), max(0.0, deadline - loop.time()))
+                    return
+                if refused:
+                    # A query already sent past the cap hears so, then the connection ends.
+                    writer.write(format_reply(event.server_port, event.client_port, _UNKNOWN))
+                    await asyncio.wait_for(writer.drain(), max(0.0, deadline - loop.time()))
+                    return
+                queries += 1
+                if not state.limiter.allow(key, loop.time()):
+                    if limits.over_limit == "close":
+                        return
+                    line = format_reply(event.server_port, event.client_port, _UNKNOWN)
+                elif isinstance(event, InvalidPort):
+                    line = format_reply(
+                        event.server_port, event.client_port, ErrorReply(ErrorType.INVALID_PORT)
+                    )
+                else:
+                    conn = ConnectionId(
+                        Endpoint(local.address, event.server_port),
+                        Endpoint(peer.address, event.client_port),
+                    )
+                    line = await _answer(state, event, conn)
+                writer.write(line)  # one write per reply: a single send where it fits
+                # The idle timer restarts after each reply (PROTOCOL.md); a client that
+                # does not read its replies is not read either, until the timeout.
+                deadline = loop.time() + limits.idle_timeout
+                await asyncio.wait_for(writer.drain(), deadline - loop.time())
+                if queries >= limits.max_queries_per_connection:
+                    if limits.over_limit == "close":
+                        return
+                    refused = True
+            if refused:
+                return  # no query waits to hear it is one too many
+    except (asyncio.TimeoutError, ConnectionError):
+        return
+    finally:
+        state.connections -= 1
+        count = state.per_client[key] - 1
+        if count:
+            state.per_client[key] = count
+        else:
+            del state.per_client[key]
+        writer.close()
+
+
+async def _answer(state: IdentServer, query: Query, conn: ConnectionId) -> bytes:
+    """The reply line for `query`, from the lookup, awaited for at most lookup_timeout."""
+    try:
+        result = state.lookup(conn)
+        if inspect.isawaitable(result):
+            result = await asyncio.wait_for(result, state.lookup_timeout)
+        return reply_line(query, reply_from(result))
+    except asyncio.TimeoutError:
+        log.warning(
+            "lookup for %d,%d took more than %gs",
+            query.server_port,
+            query.client_port,
+            state.lookup_timeout,
+        )
+        return reply_line(query, _UNKNOWN)
+    except Exception as err:
+        return failure_line(query, err)
