@@ -1,9 +1,12 @@
 """procident: an RFC 1413 ident daemon for Linux, and a library to answer ident yourself.
 
 The public API is exactly the names in __all__ below, and procident.aio's
-(the asyncio server). They keep their meaning within a major version. Every
-other module and name (procident.server, procident.cli, procident.policy,
-...) is the daemon's own and may change in any release.
+(the asyncio server). They keep their meaning within a major version.
+Everything else is private: names with a leading underscore, the private
+module procident._embed (whose public names are re-exported here), and the
+daemon's own modules (procident.server, .cli, .policy, .config, .responder,
+.homes, .tokens, .userfiles, .forward, .process), which keep the names of the
+daemon's design and may change in any release.
 
 - The sans-IO protocol: QueryReader (bytes in, events out: Query,
   InvalidPort, Malformed, Overlong), parse_query, format_reply (which refuses
@@ -19,8 +22,7 @@ other module and name (procident.server, procident.cli, procident.policy,
   the daemon's [limits] as a LimitsConfig.
 """
 
-from procident.config import LimitsConfig
-from procident.embed import (
+from procident._embed import (
     AsyncLookup,
     HiddenUser,
     IdentError,
@@ -32,6 +34,7 @@ from procident.embed import (
     SyncLookup,
     UnknownError,
 )
+from procident.config import LimitsConfig
 from procident.lookup import (
     Backend,
     ConnectionId,

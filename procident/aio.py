@@ -26,8 +26,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from procident._embed import Lookup, failure_line, reply_from, reply_line
 from procident.config import LimitsConfig
-from procident.embed import Lookup, failure_line, reply_from, reply_line
 from procident.lookup import ConnectionId, Endpoint, endpoint_from_sockaddr
 from procident.policy import RateLimiter, client_key
 from procident.protocol import (
