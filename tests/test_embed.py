@@ -46,13 +46,15 @@ class Running:
         """Send `data` (one byte at a time if bytewise), half-close if asked, and return
         everything received until the server closes the connection."""
         with socket.create_connection(self.address, timeout=TIMEOUT) as sock:
-            if bytewise:
-                for i in range(len(data)):
-                    sock.send(data[i : i + 1])
-            else:
-                sock.sendall(data)
-            if half_close:
-                sock.shutdown(socket.SHUT_WR)
+            # A server that refuses the connection may reset it while we still send.
+            with contextlib.suppress(OSError):
+                if bytewise:
+                    for i in range(len(data)):
+                        sock.send(data[i : i + 1])
+                else:
+                    sock.sendall(data)
+                if half_close:
+                    sock.shutdown(socket.SHUT_WR)
             received = b""
             with contextlib.suppress(ConnectionResetError):  # closed with input unread
                 while chunk := sock.recv(65536):
