@@ -27,19 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from procident._embed import Lookup, failure_line, reply_from, reply_line
+from procident._exchange import CLOSE, UNKNOWN, Exchange
 from procident.config import LimitsConfig
 from procident.lookup import ConnectionId, Endpoint, endpoint_from_sockaddr
 from procident.policy import RateLimiter, client_key
-from procident.protocol import (
-    ErrorReply,
-    ErrorType,
-    InvalidPort,
-    Malformed,
-    Overlong,
-    Query,
-    QueryReader,
-    format_reply,
-)
+from procident.protocol import Query
 
 __all__ = ["IdentServer", "serve_ident", "start_ident_server"]
 
@@ -47,8 +39,6 @@ log = logging.getLogger(__name__)
 
 _RECV_SIZE = 4096
 _MAX_OUTPUT = 4096  # unsent reply bytes past which a client is no longer read
-_MALFORMED = format_reply(0, 0, ErrorReply(ErrorType.INVALID_PORT))
-_UNKNOWN = ErrorReply(ErrorType.UNKNOWN_ERROR)
 
 
 @dataclass
@@ -143,53 +133,32 @@ async def _serve_connection(
     state.connections += 1
     state.per_client[key] = state.per_client.get(key, 0) + 1
     writer.transport.set_write_buffer_limits(high=_MAX_OUTPUT)
-    queries = 0
-    refused = False  # past max_queries_per_connection, with over_limit = "error"
     deadline = loop.time() + limits.idle_timeout
-    query_reader = QueryReader()
+    exchange = Exchange(limits)
+
+    def allow() -> bool:
+        return state.limiter.allow(key, loop.time())
+
     try:
         while True:
             data = await asyncio.wait_for(reader.read(_RECV_SIZE), deadline - loop.time())
             if not data:
                 return  # every complete line has been answered
-            for event in query_reader.feed(data):
-                if isinstance(event, Overlong):
-                    return
-                if isinstance(event, Malformed):
-                    writer.write(_MALFORMED)
+            for step in exchange.feed(data, allow):
+                if step is CLOSE:
                     await asyncio.wait_for(writer.drain(), max(0.0, deadline - loop.time()))
                     return
-                if refused:
-                    # A query already sent past the cap hears so, then the connection ends.
-                    writer.write(format_reply(event.server_port, event.client_port, _UNKNOWN))
-                    await asyncio.wait_for(writer.drain(), max(0.0, deadline - loop.time()))
-                    return
-                queries += 1
-                if not state.limiter.allow(key, loop.time()):
-                    if limits.over_limit == "close":
-                        return
-                    line = format_reply(event.server_port, event.client_port, _UNKNOWN)
-                elif isinstance(event, InvalidPort):
-                    line = format_reply(
-                        event.server_port, event.client_port, ErrorReply(ErrorType.INVALID_PORT)
-                    )
-                else:
+                if isinstance(step, Query):
                     conn = ConnectionId(
-                        Endpoint(local.address, event.server_port),
-                        Endpoint(peer.address, event.client_port),
+                        Endpoint(local.address, step.server_port),
+                        Endpoint(peer.address, step.client_port),
                     )
-                    line = await _answer(state, event, conn)
-                writer.write(line)  # one write per reply: a single send where it fits
+                    step = await _answer(state, step, conn)
+                writer.write(step)  # one write per reply: a single send where it fits
                 # The idle timer restarts after each reply (PROTOCOL.md); a client that
                 # does not read its replies is not read either, until the timeout.
                 deadline = loop.time() + limits.idle_timeout
                 await asyncio.wait_for(writer.drain(), deadline - loop.time())
-                if queries >= limits.max_queries_per_connection:
-                    if limits.over_limit == "close":
-                        return
-                    refused = True
-            if refused:
-                return  # no query waits to hear it is one too many
     except (asyncio.TimeoutError, ConnectionError):
         return
     finally:
@@ -216,6 +185,6 @@ async def _answer(state: IdentServer, query: Query, conn: ConnectionId) -> bytes
             query.client_port,
             state.lookup_timeout,
         )
-        return reply_line(query, _UNKNOWN)
+        return reply_line(query, UNKNOWN)
     except Exception as err:
         return failure_line(query, err)

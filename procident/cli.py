@@ -12,7 +12,6 @@ import logging
 import logging.handlers
 import os
 import pwd
-import selectors
 import socket
 import sys
 import time
@@ -32,7 +31,7 @@ from procident.config import (
     with_listen,
     with_log,
 )
-from procident.forward import ForwardClient, ForwardFailed
+from procident.forward import forward_blocking
 from procident.homes import (
     ABSENT,
     CONTENT,
@@ -43,6 +42,7 @@ from procident.homes import (
     read_home_files,
     user_files_from,
 )
+from procident.inetd import InetdError, connection_addresses, serve_connection
 from procident.lookup import (
     Backend,
     ConnectionId,
@@ -52,15 +52,23 @@ from procident.lookup import (
     select_backend,
 )
 from procident.process import (
+    Notifier,
     PrivilegeError,
+    activated_sockets,
     daemonize,
     drop_privileges,
     remove_pid_file,
     write_pid_file,
 )
 from procident.protocol import ErrorReply, Query, UserIdReply, parse_reply
-from procident.responder import Accounts, Answer, FileReader, Responder, passwd_name
-from procident.server import ListenError, Server, describe_owner, open_listeners
+from procident.responder import (
+    Accounts,
+    FileReader,
+    Responder,
+    describe_owner,
+    passwd_name,
+)
+from procident.server import ListenError, Server, open_listeners
 from procident.tokens import TokenError, TokenMaker, add_key, load_keys
 from procident.userfiles import Choice
 
@@ -182,6 +190,11 @@ def _probe_syslog(path: str) -> None:
 @click.option("--log-target", type=click.Choice(LOG_TARGETS), help="Override log.target.")
 @click.option("--daemon", is_flag=True, help="Detach from the terminal (logs go to syslog).")
 @click.option("--pid-file", type=click.Path(dir_okay=False), help="Write the daemon's pid here.")
+@click.option(
+    "--inetd",
+    is_flag=True,
+    help="Answer the one connection on standard input and output, then exit (logs go to syslog).",
+)
 def serve(
     config_path: str | None,
     listen: tuple[Endpoint, ...],
@@ -189,10 +202,19 @@ def serve(
     log_target: str | None,
     daemon: bool,
     pid_file: str | None,
+    inetd: bool,
 ) -> None:
-    """Run the ident daemon in the foreground (or detached with --daemon)."""
-    if daemon and log_target is None:
-        log_target = "syslog"  # stderr is /dev/null once detached
+    """Run the ident daemon in the foreground (or detached with --daemon).
+
+    Started by systemd with listening sockets (LISTEN_FDS), it serves on those
+    instead of binding; with $NOTIFY_SOCKET it reports READY, RELOADING and
+    STOPPING. With --inetd it answers one connection and exits.
+    """
+    if inetd and (daemon or pid_file or listen):
+        raise click.UsageError("--inetd serves one connection: no --daemon, --pid-file or --listen")
+    if (daemon or inetd) and log_target is None:
+        # stderr is /dev/null once detached, and the client's connection under inetd
+        log_target = "syslog"
     load = config_loader(config_path, listen, log_level, log_target)
     try:
         config = load()
@@ -202,10 +224,28 @@ def serve(
     log.info("configuration: %s", config_file(config_path) or "built-in defaults")
     backend = _backend(config.lookup.backend)
     log.info("lookup backend: %s", backend.name)
-    try:
-        listeners = open_listeners(config.server.listen)
-    except ListenError as err:
-        raise click.ClickException(str(err)) from None
+    listeners: list[socket.socket] = []
+    client: tuple[Endpoint, Endpoint] | None = None
+    if inetd:
+        try:
+            client = connection_addresses(0, os.environ)
+        except InetdError as err:
+            raise click.ClickException(str(err)) from None
+    else:
+        try:
+            listeners = activated_sockets()
+        except ValueError as err:
+            raise click.ClickException(f"LISTEN_FDS: {err}") from None
+        if listeners and listen:
+            log.warning("--listen is ignored: the service manager passed listening sockets")
+        if listeners:
+            log.info("listening sockets passed by the service manager: %d", len(listeners))
+        else:
+            try:
+                listeners = open_listeners(config.server.listen)
+            except ListenError as err:
+                raise click.ClickException(str(err)) from None
+    notifier = Notifier()  # before dropping root
     ready = daemonize() if daemon else None
     if pid_file:
         try:
@@ -251,7 +291,14 @@ def serve(
 
     accounts = Accounts(config, read_files)
     responder = Responder(backend, config, accounts=accounts, tokens=tokens)
-    server = Server(config, responder, listeners, reload)
+    if client is not None:
+        try:
+            serve_connection(responder, config, *client)
+        finally:
+            if helper is not None:
+                helper.close()
+        return
+    server = Server(config, responder, listeners, reload, notifier=notifier)
     if ready is not None:
         ready()
     try:
@@ -388,7 +435,7 @@ def lookup(local: Endpoint, remote: Endpoint, config_path: str | None) -> None:
     query = Query(local.port, remote.port)
     answer = responder.respond(query, ConnectionId(local, remote), time.monotonic(), True)
     if answer.forward is not None:
-        answer = _forward_now(responder, query, answer, config.forward.timeout)
+        answer = forward_blocking(responder, query, answer, config.forward.timeout)
     found = answer.found
     click.echo(f"connection: {local} (this host) <-> {remote} (querier)")
     if found is None:
@@ -409,36 +456,6 @@ def lookup(local: Endpoint, remote: Endpoint, config_path: str | None) -> None:
     click.echo(f"rule:       {answer.rule}")
     line = answer.line or b""
     click.echo(f"reply:      {line.decode('utf-8', 'backslashreplace').rstrip()}")
-
-
-def _forward_now(responder: Responder, query: Query, answer: Answer, timeout: float) -> Answer:
-    """Carry out a forward while the command waits (the daemon does it in its loop)."""
-    assert answer.forward is not None
-    deadline = time.monotonic() + timeout
-    line: bytes | None = None
-    failure = ""
-    try:
-        client = ForwardClient(answer.forward.target, query)
-    except ForwardFailed as err:
-        return responder.finish_forward(query, answer, None, str(err))
-    with selectors.DefaultSelector() as selector:
-        selector.register(client.sock, client.events)
-        try:
-            while line is None:
-                left = deadline - time.monotonic()
-                events = selector.select(left) if left > 0 else []
-                if not events:
-                    failure = f"no answer in {timeout:g}s"
-                    break
-                line = client.handle(events[0][1])
-                selector.modify(client.sock, client.events)
-        except ForwardFailed as err:
-            failure = str(err)
-        finally:
-            selector.unregister(client.sock)
-            client.close()
-    final = responder.finish_forward(query, answer, line, failure)
-    return Answer(final.line, final.reply, final.rule, final.found, final.owner, None, answer.trace)
 
 
 # -- tokens -------------------------------------------------------------------

@@ -11,9 +11,12 @@ import errno
 import os
 import selectors
 import socket
+import time
+from dataclasses import replace
 
 from procident.lookup import Endpoint
 from procident.protocol import MAX_LINE, Query
+from procident.responder import Answer, Responder
 
 
 class ForwardFailed(Exception):
@@ -75,3 +78,34 @@ class ForwardClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def forward_blocking(responder: Responder, query: Query, answer: Answer, timeout: float) -> Answer:
+    """Carry out the forward of `answer` while the caller waits, for at most `timeout`
+    seconds (the daemon does it inside its loop; `lookup` and inetd mode, here)."""
+    assert answer.forward is not None
+    deadline = time.monotonic() + timeout
+    line: bytes | None = None
+    failure = ""
+    try:
+        client = ForwardClient(answer.forward.target, query)
+    except ForwardFailed as err:
+        return responder.finish_forward(query, answer, None, str(err))
+    with selectors.DefaultSelector() as selector:
+        selector.register(client.sock, client.events)
+        try:
+            while line is None:
+                left = deadline - time.monotonic()
+                events = selector.select(left) if left > 0 else []
+                if not events:
+                    failure = f"no answer in {timeout:g}s"
+                    break
+                line = client.handle(events[0][1])
+                selector.modify(client.sock, client.events)
+        except ForwardFailed as err:
+            failure = str(err)
+        finally:
+            selector.unregister(client.sock)
+            client.close()
+    final = responder.finish_forward(query, answer, line, failure)
+    return replace(final, trace=answer.trace)

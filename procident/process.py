@@ -10,7 +10,9 @@ import grp
 import logging
 import os
 import pwd
-from collections.abc import Callable
+import socket
+import time
+from collections.abc import Callable, Mapping, MutableMapping
 
 log = logging.getLogger(__name__)
 
@@ -100,3 +102,72 @@ def remove_pid_file(path: str) -> None:
         os.unlink(path)
     except OSError as err:
         log.debug("pid file %s left in place: %s", path, err.strerror)
+
+
+class Notifier:
+    """Tells systemd how the service is doing (sd_notify(3)): READY, RELOADING, STOPPING.
+
+    The socket is opened at start, before root is dropped, and kept; without
+    $NOTIFY_SOCKET (not run by systemd as Type=notify), every call does nothing.
+    """
+
+    def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
+        self.sock: socket.socket | None = None
+        path = environ.get("NOTIFY_SOCKET", "")
+        if not path:
+            return
+        if path.startswith("@"):  # an abstract socket
+            path = "\0" + path[1:]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(path)
+        except OSError as err:
+            sock.close()
+            log.warning("cannot reach NOTIFY_SOCKET %s: %s", path.lstrip("\0"), err.strerror)
+            return
+        self.sock = sock
+
+    def notify(self, *fields: str) -> None:
+        """Send KEY=VALUE fields, such as "READY=1"; a failure is logged, never raised."""
+        if self.sock is None:
+            return
+        try:
+            self.sock.send("\n".join(fields).encode())
+        except OSError as err:
+            log.warning("cannot notify the service manager: %s", err.strerror)
+
+    def reloading(self) -> None:
+        """RELOADING=1 with the monotonic time, as systemd 253 and later want it."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
+
+
+SD_LISTEN_FDS_START = 3
+
+
+def activated_sockets(environ: MutableMapping[str, str] = os.environ) -> list[socket.socket]:
+    """The listening sockets the service manager passed (sd_listen_fds(3)), or [] when it
+    passed none to this process; ValueError if one is not a listening TCP socket. The
+    variables are removed, so children do not take them."""
+    pid, count = environ.get("LISTEN_PID", ""), environ.get("LISTEN_FDS", "")
+    names = environ.get("LISTEN_FDNAMES", "")
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        environ.pop(key, None)
+    if not (pid.isdigit() and int(pid) == os.getpid() and count.isdigit()):
+        return []
+    sockets = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
+        try:
+            os.set_inheritable(fd, False)
+            sock = socket.socket(fileno=fd)
+        except OSError as err:
+            raise ValueError(f"file descriptor {fd} is not a socket: {err.strerror}") from None
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            raise OSError(
+                f"passed socket {fd} ({names or 'unnamed'}) is not a listening TCP socket"
+            )
+        sock.setblocking(False)
+        sockets.append(sock)
+    return sockets

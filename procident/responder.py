@@ -383,3 +383,36 @@ def forwarded_reply(
 
 def _describe(conn: ConnectionId) -> str:
     return f"{conn.local} <-> {conn.remote}"
+
+
+def describe_owner(answer: Answer | None) -> str:
+    """The real owner of the connection, for the log: name(uid), or why there is none."""
+    if answer is None or answer.found is None:
+        return "-"
+    if answer.owner is None:
+        return "-(no process)"
+    return f"{answer.owner.name or '?'}(uid={answer.owner.uid})"
+
+
+def log_answer(
+    logger: logging.Logger,
+    client: object,
+    server_port: int,
+    client_port: int,
+    line: bytes,
+    rule: str,
+    answer: Answer | None = None,
+) -> None:
+    """The one log line of an answered query: client, port pair, real owner, reply, rule."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    reply = line.split(b":", 1)[1].rstrip(b"\r\n").decode("utf-8", "backslashreplace")
+    logger.info(
+        "answer client=%s query=%d,%d owner=%s reply=%s rule=%s",
+        client,
+        server_port,
+        client_port,
+        describe_owner(answer),
+        reply,
+        rule,
+    )

@@ -25,6 +25,7 @@ from procident.config import Config, ConfigError
 from procident.forward import ForwardClient, ForwardFailed
 from procident.lookup import ConnectionId, Endpoint, IPAddress, endpoint_from_sockaddr
 from procident.policy import UNKNOWN_ERROR, RateLimiter, allowed, client_key
+from procident.process import Notifier
 from procident.protocol import (
     ErrorReply,
     ErrorType,
@@ -36,7 +37,7 @@ from procident.protocol import (
     QueryReader,
     format_reply,
 )
-from procident.responder import Answer, Responder
+from procident.responder import Answer, Responder, log_answer
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,10 @@ class Server:
         listeners: list[socket.socket],
         reload: Callable[[], Config] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
+        self.notifier = notifier or Notifier({})
         self.responder = responder
         self.listeners = listeners
         self.reload = reload
@@ -199,14 +202,14 @@ class Server:
         previous = {signum: signal.signal(signum, self._on_signal) for signum in handled}
         previous_fd = signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
         self.running = True
-        log.info(
-            "serving on %s",
-            ", ".join(str(endpoint_from_sockaddr(s.getsockname())) for s in self.listeners),
-        )
+        where = ", ".join(str(endpoint_from_sockaddr(s.getsockname())) for s in self.listeners)
+        log.info("serving on %s", where)
+        self.notifier.notify("READY=1", f"STATUS=serving on {where}")
         try:
             while self.running:
                 self.step()
         finally:
+            self.notifier.notify("STOPPING=1")
             signal.set_wakeup_fd(previous_fd)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -291,13 +294,16 @@ class Server:
         if self.reload is None:
             log.info("SIGHUP: nothing to reload")
             return
+        self.notifier.reloading()
         try:
             config = self.reload()
         except ConfigError as err:
             log.error("reload failed, keeping the current configuration: %s", err)
+            self.notifier.notify("READY=1", "STATUS=reload failed; serving as before")
             return
         self.apply(config)
         log.info("configuration reloaded")
+        self.notifier.notify("READY=1", "STATUS=configuration reloaded")
 
     def apply(self, config: Config) -> None:
         """Serve with a new configuration; [server] changes wait for a restart."""
@@ -659,24 +665,6 @@ class Server:
         rule: str,
         answer: Answer | None = None,
     ) -> None:
-        if not log.isEnabledFor(logging.INFO):
-            return
-        reply = line.split(b":", 1)[1].rstrip(b"\r\n").decode("utf-8", "backslashreplace")
-        log.info(
-            "answer client=%s query=%d,%d owner=%s reply=%s rule=%s",
-            session.peer.address,
-            query.server_port,
-            query.client_port,
-            describe_owner(answer),
-            reply,
-            rule,
+        log_answer(
+            log, session.peer.address, query.server_port, query.client_port, line, rule, answer
         )
-
-
-def describe_owner(answer: Answer | None) -> str:
-    """The real owner of the connection, for the log: name(uid), or why there is none."""
-    if answer is None or answer.found is None:
-        return "-"
-    if answer.owner is None:
-        return "-(no process)"
-    return f"{answer.owner.name or '?'}(uid={answer.owner.uid})"
