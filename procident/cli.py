@@ -6,8 +6,11 @@ never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
+import ipaddress
+import json
 import logging
 import logging.handlers
 import os
@@ -21,6 +24,7 @@ import click
 
 from procident import __version__
 from procident.config import (
+    LOG_FORMATS,
     LOG_LEVELS,
     LOG_TARGETS,
     Config,
@@ -70,6 +74,7 @@ from procident.responder import (
 )
 from procident.server import ListenError, Server, open_listeners
 from procident.tokens import TokenError, TokenMaker, add_key, load_keys
+from procident.tokens import available as tokens_available
 from procident.userfiles import Choice
 
 DEFAULT_CONFIG_PATH = "/etc/procident.toml"
@@ -92,10 +97,56 @@ def _endpoints(
     return tuple(_endpoint(ctx, param, value) for value in values)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "-V", "--version", prog_name="procident")
-def main() -> None:
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
+@click.option(
+    "-V",
+    "--version",
+    "show_version",
+    is_flag=True,
+    help="Show the version and exit; with -v, --verbose, also what this host supports.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="With --version: backends and features.")
+@click.pass_context
+def main(ctx: click.Context, show_version: bool, verbose: bool) -> None:
     """procident: an RFC 1413 ident daemon that answers from the kernel's socket tables."""
+    if show_version:
+        for line in version_lines(verbose):
+            click.echo(line)
+        ctx.exit()
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+        ctx.exit(2)
+
+
+def version_lines(verbose: bool) -> list[str]:
+    """`procident --version`, and with verbose, the backends and optional features that
+    work on this host."""
+    lines = [f"procident, version {__version__}"]
+    if not verbose:
+        return lines
+    lines.append(f"python:          {sys.version.split()[0]} ({sys.executable})")
+    for name in ("netlink", "procfs"):
+        try:
+            backend = select_backend(name)
+            nowhere = Endpoint(ipaddress.IPv4Address("127.0.0.1"), 0)
+            backend.find(ConnectionId(nowhere, nowhere))
+            state = "works here"
+        except LookupFailed as err:
+            state = f"does not work here ({err})"
+        lines.append(f"lookup {name + ':':<9} {state}")
+    with contextlib.suppress(LookupFailed):
+        lines.append(f"lookup auto:     {select_backend('auto').name}")
+    if tokens_available():
+        import cryptography
+
+        lines.append(f"audit tokens:    available (cryptography {cryptography.__version__})")
+    else:
+        lines.append("audit tokens:    not available: pip install 'procident[tokens]'")
+    lines.append("systemd:         socket activation (LISTEN_FDS) and sd_notify, built in")
+    lines.append("inetd mode:      serve --inetd")
+    path = config_file(None)
+    lines.append(f"configuration:   {path or f'{DEFAULT_CONFIG_PATH} absent: built-in defaults'}")
+    return lines
 
 
 # -- serve ------------------------------------------------------------------
@@ -109,7 +160,11 @@ def config_file(path: str | None) -> str | None:
 
 
 def config_loader(
-    path: str | None, listen: tuple[Endpoint, ...], level: str | None, target: str | None
+    path: str | None,
+    listen: tuple[Endpoint, ...],
+    level: str | None,
+    target: str | None,
+    format: str | None = None,
 ) -> Callable[[], Config]:
     """A function that reads the configuration as `serve` sees it: the file (or the embedded
     default), then the command line's overrides. Called at start and on every SIGHUP."""
@@ -119,13 +174,32 @@ def config_loader(
         config = load_config(chosen) if chosen else Config()
         if listen:
             config = with_listen(config, listen)
-        return with_log(config, level, target)
+        return with_log(config, level, target, format)
 
     return load
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, and an answer's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
 def setup_logging(config: LogConfig) -> None:
-    """Send procident's log to stderr or syslog at the configured level."""
+    """Send procident's log to stderr or syslog at the configured level and format."""
     handler: logging.Handler
     if config.target == "syslog":
         try:
@@ -142,6 +216,8 @@ def setup_logging(config: LogConfig) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    if config.format == "json":
+        handler.setFormatter(JsonFormatter())
     for old in list(log.handlers):
         log.removeHandler(old)
         old.close()
@@ -188,6 +264,7 @@ def _probe_syslog(path: str) -> None:
 )
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), help="Override log.level.")
 @click.option("--log-target", type=click.Choice(LOG_TARGETS), help="Override log.target.")
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), help="Override log.format.")
 @click.option("--daemon", is_flag=True, help="Detach from the terminal (logs go to syslog).")
 @click.option("--pid-file", type=click.Path(dir_okay=False), help="Write the daemon's pid here.")
 @click.option(
@@ -200,6 +277,7 @@ def serve(
     listen: tuple[Endpoint, ...],
     log_level: str | None,
     log_target: str | None,
+    log_format: str | None,
     daemon: bool,
     pid_file: str | None,
     inetd: bool,
@@ -215,7 +293,7 @@ def serve(
     if (daemon or inetd) and log_target is None:
         # stderr is /dev/null once detached, and the client's connection under inetd
         log_target = "syslog"
-    load = config_loader(config_path, listen, log_level, log_target)
+    load = config_loader(config_path, listen, log_level, log_target, log_format)
     try:
         config = load()
     except ConfigError as err:
@@ -274,12 +352,15 @@ def serve(
     def reload() -> Config:
         new = load()
         log.setLevel(new.log.level.upper())
-        if (new.log.target, new.log.syslog_socket, new.log.syslog_facility) != (
+        if (new.log.target, new.log.format, new.log.syslog_socket, new.log.syslog_facility) != (
             config.log.target,
+            config.log.format,
             config.log.syslog_socket,
             config.log.syslog_facility,
         ):
-            log.warning("log.target and the syslog settings take effect at the next start")
+            log.warning(
+                "log.target, log.format and the syslog settings take effect at the next start"
+            )
         if reads_user_files(new) and read_files is None:
             log.warning("user files are read only if the configuration at start reads them")
         if uses_tokens(new) and tokens is None:

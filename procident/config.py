@@ -151,6 +151,8 @@ class LogConfig:
     target: str = "stderr"  # or "syslog"
     syslog_socket: str = "/dev/log"
     syslog_facility: str = "daemon"
+    format: str = "text"  # or "json": one object per line
+    user_names: bool = True  # false: answer lines name owners by uid only, and omit ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +173,7 @@ class Config:
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_TARGETS = ("stderr", "syslog")
+LOG_FORMATS = ("text", "json")
 UNKNOWN_UID_ACTIONS = ("numeric", "no-user")
 INBOUND_ACTIONS = ("hide", "no-user", "answer")
 LOOKUP_BACKENDS = ("auto", "netlink", "procfs")
@@ -448,6 +451,8 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, Callable[[Any], Any]]]] = {
             "target": _choice(*LOG_TARGETS),
             "syslog_socket": _path,
             "syslog_facility": _choice(*SYSLOG_FACILITIES),
+            "format": _choice(*LOG_FORMATS),
+            "user_names": _boolean,
         },
     ),
 }
@@ -582,7 +587,17 @@ def with_listen(config: Config, listen: tuple[Endpoint, ...]) -> Config:
     return replace(config, server=replace(config.server, listen=listen))
 
 
-def with_log(config: Config, level: str | None, target: str | None) -> Config:
-    """The same config with the CLI's log level and target, where given."""
+def with_log(
+    config: Config, level: str | None, target: str | None, format: str | None = None
+) -> Config:
+    """The same config with the CLI's log level, target and format, where given."""
     log = config.log
-    return replace(config, log=replace(log, level=level or log.level, target=target or log.target))
+    return replace(
+        config,
+        log=replace(
+            log,
+            level=level or log.level,
+            target=target or log.target,
+            format=format or log.format,
+        ),
+    )

@@ -129,7 +129,14 @@ def _answer(
         answer = forward_blocking(responder, query, answer, config.forward.timeout)
     assert answer.line is not None
     log_answer(
-        log, peer.address, query.server_port, query.client_port, answer.line, answer.rule, answer
+        log,
+        peer.address,
+        query.server_port,
+        query.client_port,
+        answer.line,
+        answer.rule,
+        answer,
+        config.log.user_names,
     )
     return answer.line
 

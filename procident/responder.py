@@ -402,17 +402,40 @@ def log_answer(
     line: bytes,
     rule: str,
     answer: Answer | None = None,
+    names: bool = True,
 ) -> None:
-    """The one log line of an answered query: client, port pair, real owner, reply, rule."""
+    """The one log line of an answered query: client, port pair, real owner, reply, rule.
+
+    names=False ([log] user_names = false) leaves out login names and user ids: the
+    owner is given by uid, and a USERID reply's id as "-".
+    """
     if not logger.isEnabledFor(logging.INFO):
         return
     reply = line.split(b":", 1)[1].rstrip(b"\r\n").decode("utf-8", "backslashreplace")
+    owner = describe_owner(answer)
+    if not names:
+        if reply.startswith("USERID:"):
+            reply = reply.rsplit(":", 1)[0] + ":-"
+        if answer is not None and answer.owner is not None:
+            owner = f"uid={answer.owner.uid}"
+        rule = rule.split(" forward ", 1)[0]  # a forward's note may quote an id
+    fields = {
+        "event": "answer",
+        "client": str(client),
+        "server_port": server_port,
+        "client_port": client_port,
+        "owner": owner,
+        "uid": answer.owner.uid if answer is not None and answer.owner is not None else None,
+        "reply": reply,
+        "rule": rule,
+    }
     logger.info(
         "answer client=%s query=%d,%d owner=%s reply=%s rule=%s",
         client,
         server_port,
         client_port,
-        describe_owner(answer),
+        owner,
         reply,
         rule,
+        extra={"fields": fields},
     )

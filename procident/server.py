@@ -665,6 +665,6 @@ class Server:
         rule: str,
         answer: Answer | None = None,
     ) -> None:
-        log_answer(
-            log, session.peer.address, query.server_port, query.client_port, line, rule, answer
-        )
+        peer = session.peer.address
+        names = self.config.log.user_names
+        log_answer(log, peer, query.server_port, query.client_port, line, rule, answer, names)

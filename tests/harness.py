@@ -22,7 +22,7 @@ from pathlib import Path
 
 STARTUP_TIMEOUT = 15.0
 IO_TIMEOUT = 5.0
-SERVING = re.compile(r"serving on (.*)$", re.M)
+SERVING = re.compile(r"serving on ([^\"\n]*)", re.M)  # text or JSON log lines
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.02):

@@ -35,6 +35,25 @@ def test_version() -> None:
     assert result.exit_code == 0 and result.output == f"procident, version {__version__}\n"
 
 
+def test_version_verbose() -> None:
+    """--version --verbose (either order) says what works on this host."""
+    for args in (["--version", "--verbose"], ["-v", "-V"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        assert lines[0] == f"procident, version {__version__}"
+        assert "lookup netlink:  works here" in lines  # this kernel has sock_diag
+        assert "lookup procfs:   works here" in lines
+        assert "lookup auto:     netlink" in lines
+        assert any(line.startswith("audit tokens:    available (cryptography ") for line in lines)
+
+
+def test_bare_command_shows_help() -> None:
+    """procident alone prints the commands and exits 2."""
+    result = CliRunner().invoke(main, [])
+    assert result.exit_code == 2 and "serve" in result.output
+
+
 def test_check_config_accepts_sample() -> None:
     """check-config accepts the sample file."""
     result = CliRunner().invoke(main, ["check-config", str(SAMPLE)])

@@ -304,3 +304,26 @@ def test_reload_cannot_add_what_needs_root(start_daemon) -> None:
     reply, head = ask_owned(daemon, uid=2)  # bin: its files cannot be read, so hidden
     assert reply == head + b"ERROR:HIDDEN-USER\r\n"
     daemon.wait_log(r"rule=users\.unreadable")
+
+
+def test_json_log_and_no_user_names(start_daemon) -> None:
+    """--log-format json writes one object per line, an answer's fields as keys; with
+    user_names = false the owner is a uid and the reply's id is left out."""
+    import json
+
+    daemon = start_daemon("[log]\nuser_names = false\n", extra_args=("--log-format", "json"))
+    reply, head = ask_owned(daemon, uid=1)
+    assert reply == head + b"USERID:UNIX:daemon\r\n"
+    daemon.wait_log(r'"event": "answer"')
+    entries = [json.loads(line) for line in daemon.log().splitlines()]
+    (answer,) = [entry for entry in entries if entry.get("event") == "answer"]
+    ports = head.decode().rstrip(":").split(",")
+    assert answer["client"] == "127.0.0.1" and answer["uid"] == 1
+    assert [answer["server_port"], answer["client_port"]] == [int(p) for p in ports]
+    assert (answer["owner"], answer["reply"], answer["rule"]) == (
+        "uid=1",
+        "USERID:UNIX:-",
+        "default",
+    )
+    assert "daemon" not in answer["message"] and answer["level"] == "info"
+    assert all({"time", "level", "message"} <= set(entry) for entry in entries)
