@@ -323,6 +323,13 @@ def serve(
                 listeners = open_listeners(config.server.listen)
             except ListenError as err:
                 raise click.ClickException(str(err)) from None
+    metrics_listener: socket.socket | None = None
+    if config.metrics.listen and not inetd:
+        try:
+            (metrics_listener,) = open_listeners((parse_endpoint(config.metrics.listen),))
+        except (ListenError, ValueError) as err:
+            raise click.ClickException(f"metrics.listen: {err}") from None
+        log.info("metrics on http://%s/metrics", config.metrics.listen)
     notifier = Notifier()  # before dropping root
     ready = daemonize() if daemon else None
     if pid_file:
@@ -379,7 +386,9 @@ def serve(
             if helper is not None:
                 helper.close()
         return
-    server = Server(config, responder, listeners, reload, notifier=notifier)
+    server = Server(
+        config, responder, listeners, reload, notifier=notifier, metrics_listener=metrics_listener
+    )
     if ready is not None:
         ready()
     try:

@@ -137,6 +137,15 @@ class ForwardConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """[metrics]: counters for monitoring, in the Prometheus text format."""
+
+    listen: str = ""  # ADDRESS:PORT serving GET /metrics; empty: off
+    textfile: str = ""  # a file rewritten atomically every `interval`; empty: off
+    interval: int = 15
+
+
+@dataclass(frozen=True, slots=True)
 class LookupConfig:
     """[lookup]: how the kernel is asked."""
 
@@ -168,6 +177,7 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     rules: tuple[Rule, ...] = DEFAULT_RULES
 
 
@@ -370,6 +380,19 @@ def _address(value: object) -> Endpoint:
     return endpoint
 
 
+def _optional_listen(value: object) -> str:
+    if value == "":
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string ADDRESS:PORT, or empty, not {value!r}")
+    parse_endpoint(value)
+    return value
+
+
+def _optional_path(value: object) -> str:
+    return "" if value == "" else _path(value)
+
+
 def _path(value: object) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise ValueError(f"must be an absolute path, not {value!r}")
@@ -444,6 +467,14 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, Callable[[Any], Any]]]] = {
     ),
     "tokens": (TokensConfig, {"key_file": _path}),
     "forward": (ForwardConfig, {"timeout": _number(0.1, 60)}),
+    "metrics": (
+        MetricsConfig,
+        {
+            "listen": _optional_listen,
+            "textfile": _optional_path,
+            "interval": _integer(1, 3600),
+        },
+    ),
     "log": (
         LogConfig,
         {

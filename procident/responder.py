@@ -221,6 +221,7 @@ class Responder:
         # Random ids stand in for a person: they must not be predictable.
         self.rng = rng or random.SystemRandom()
         self.wall_clock = wall_clock
+        self.on_lookup: Callable[[float], None] | None = None  # each lookup's seconds
         self.config = config
 
     @property
@@ -253,7 +254,10 @@ class Responder:
                 line = format_reply(query.server_port, query.client_port, reply)
                 return Answer(line, reply, "reply.reply_all", trace=("[reply] reply_all is set",))
             try:
+                started = time.perf_counter()
                 found = self.backend.find(conn)
+                if self.on_lookup is not None:
+                    self.on_lookup(time.perf_counter() - started)
             except LookupFailed as err:
                 if not reply_config.fallback:
                     raise

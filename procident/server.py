@@ -9,6 +9,7 @@ timeout, restarted only by a reply) and the number of connections.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -24,6 +25,7 @@ from types import FrameType
 from procident.config import Config, ConfigError
 from procident.forward import ForwardClient, ForwardFailed
 from procident.lookup import ConnectionId, Endpoint, IPAddress, endpoint_from_sockaddr
+from procident.metrics import MAX_HTTP_REQUEST, Metrics, http_response, write_textfile
 from procident.policy import UNKNOWN_ERROR, RateLimiter, allowed, client_key
 from procident.process import Notifier
 from procident.protocol import (
@@ -51,11 +53,14 @@ LISTEN_BACKLOG = 128
 ACCEPT_BATCH = 64  # connections taken per readable listener, so no listener starves the rest
 ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE and the like
 REFUSAL_LOG_INTERVAL = 10.0
+MAX_SCRAPERS = 8  # metrics connections open at once
+SCRAPE_TIMEOUT = 5.0  # seconds a metrics client has to send its request
 MAX_OVERFLOW = 64  # connections over a cap kept open at once to be answered UNKNOWN-ERROR
 MALFORMED_REPLY = format_reply(0, 0, ErrorReply(ErrorType.INVALID_PORT))
 # Sections bound at start: listeners and the account (root is gone by a
-# reload), the lookup backend, and the token key (readable by root only).
-RESTART_ONLY = ("server", "lookup", "tokens")
+# reload), the lookup backend, the token key (readable by root only), and the
+# metrics listener and textfile.
+RESTART_ONLY = ("server", "lookup", "tokens", "metrics")
 # accept() errors that mean "out of a resource": retrying at once would spin.
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # accept() errors about one connection that went away before we took it.
@@ -166,9 +171,16 @@ class Server:
         reload: Callable[[], Config] | None = None,
         clock: Callable[[], float] = time.monotonic,
         notifier: Notifier | None = None,
+        metrics_listener: socket.socket | None = None,
     ) -> None:
         self.config = config
         self.notifier = notifier or Notifier({})
+        self.metrics = Metrics(getattr(getattr(responder, "backend", None), "name", "?"))
+        responder.on_lookup = self.metrics.lookup
+        self.metrics_listener = metrics_listener
+        # Metrics clients: connection -> (request so far, deadline); a few, briefly.
+        self.scrapers: dict[socket.socket, tuple[bytes, float]] = {}
+        self.next_textfile = clock() if config.metrics.textfile else None
         self.responder = responder
         self.listeners = listeners
         self.reload = reload
@@ -193,12 +205,15 @@ class Server:
             sock.setblocking(False)
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._drain_wakeup)
         self._listen()
+        if metrics_listener is not None:
+            metrics_listener.setblocking(False)
+            self.selector.register(metrics_listener, selectors.EVENT_READ, self._accept_scraper)
 
     # -- the loop -------------------------------------------------------------
 
     def run(self) -> None:
         """Serve until SIGTERM or SIGINT; SIGHUP reloads the configuration."""
-        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
         previous = {signum: signal.signal(signum, self._on_signal) for signum in handled}
         previous_fd = signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
         self.running = True
@@ -229,9 +244,16 @@ class Server:
         self._tick(self.clock())
 
     def close(self) -> None:
-        """Close every session and listener."""
+        """Close every session and listener (writing the metrics textfile a last time)."""
         for session in list(self.sessions):
             self._close(session)
+        if self.next_textfile is not None:
+            self.write_textfile()
+        for scraper in list(self.scrapers):
+            self._close_scraper(scraper)
+        if self.metrics_listener is not None:
+            self.selector.unregister(self.metrics_listener)
+            self.metrics_listener.close()
         for sock in self.listeners:
             if self.resume_accepting_at is None:
                 self.selector.unregister(sock)
@@ -249,6 +271,9 @@ class Server:
             deadlines.append(next(iter(self.forwards.values())))
         if self.resume_accepting_at is not None:
             deadlines.append(self.resume_accepting_at)
+        if self.next_textfile is not None:
+            deadlines.append(self.next_textfile)
+        deadlines += [deadline for _, deadline in self.scrapers.values()]
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - self.clock())
@@ -264,7 +289,14 @@ class Server:
             if session.deadline > now:
                 break
             log.debug("closing %s: idle for %ds", session.peer, self.config.limits.idle_timeout)
+            self.metrics.timed_out += 1
             self._close(session)
+        for scraper, (_, deadline) in list(self.scrapers.items()):
+            if deadline <= now:
+                self._close_scraper(scraper)
+        if self.next_textfile is not None and now >= self.next_textfile:
+            self.write_textfile()
+            self.next_textfile = now + self.config.metrics.interval
         if self.resume_accepting_at is not None and now >= self.resume_accepting_at:
             self.resume_accepting_at = None
             self._listen()
@@ -286,6 +318,9 @@ class Server:
             signum = self.signals.pop(0)
             if signum == signal.SIGHUP:
                 self._reload()
+            elif signum == signal.SIGUSR1:
+                self.metrics.open_connections = len(self.sessions)
+                log.info("%s", self.metrics.summary())
             else:
                 log.info("stopping on %s", signal.Signals(signum).name)
                 self.running = False
@@ -341,6 +376,60 @@ class Server:
     def _limiter(config: Config) -> RateLimiter:
         limits = config.limits
         return RateLimiter(limits.per_client_rate, limits.per_client_burst, limits.clients_tracked)
+
+    # -- metrics --------------------------------------------------------------
+
+    def render_metrics(self) -> str:
+        self.metrics.open_connections = len(self.sessions) - self.overflow
+        return self.metrics.render()
+
+    def write_textfile(self) -> None:
+        """Write the metrics to [metrics] textfile, atomically; a failure is logged."""
+        path = self.config.metrics.textfile
+        if not path:
+            return
+        try:
+            write_textfile(path, self.render_metrics())
+        except OSError as err:
+            log.error("cannot write metrics to %s: %s", path, err.strerror)
+
+    def _accept_scraper(self, mask: int) -> None:
+        assert self.metrics_listener is not None
+        try:
+            sock, _ = self.metrics_listener.accept()
+        except OSError:
+            return
+        if len(self.scrapers) >= MAX_SCRAPERS:
+            sock.close()
+            return
+        sock.setblocking(False)
+        self.scrapers[sock] = (b"", self.clock() + SCRAPE_TIMEOUT)
+        self.selector.register(
+            sock, selectors.EVENT_READ, functools.partial(self._on_scraper, sock)
+        )
+
+    def _on_scraper(self, sock: socket.socket, mask: int) -> None:
+        request, deadline = self.scrapers[sock]
+        try:
+            data = sock.recv(MAX_HTTP_REQUEST)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        request += data
+        response = http_response(request, self.render_metrics()) if data else None
+        if response is None and data and len(request) < MAX_HTTP_REQUEST:
+            self.scrapers[sock] = (request, deadline)
+            return
+        if response is not None:
+            with contextlib.suppress(OSError):
+                sock.send(response)  # a few KiB: one send into a fresh socket's buffer
+        self._close_scraper(sock)
+
+    def _close_scraper(self, sock: socket.socket) -> None:
+        del self.scrapers[sock]
+        self.selector.unregister(sock)
+        sock.close()
 
     # -- accepting ------------------------------------------------------------
 
@@ -417,6 +506,7 @@ class Server:
         if sock is not None:
             sock.close()
         # A flood must not flood the log too: per limit, one line per interval, with a count.
+        self.metrics.refused[limit] += 1
         self.refusals[limit] = self.refusals.get(limit, 0) + 1
         now = self.clock()
         if now - self.refusal_logged_at.get(limit, float("-inf")) >= REFUSAL_LOG_INTERVAL:
@@ -498,10 +588,12 @@ class Server:
 
     def _answer(self, session: Session, event: Event) -> None:
         if isinstance(event, Overlong):
+            self.metrics.overlong += 1
             log.info("closing %s: line longer than the limit", session.peer)
             session.closing = True
             return
         if isinstance(event, Malformed):
+            self.metrics.malformed += 1
             log.info("answer client=%s query=malformed reply=INVALID-PORT", session.peer.address)
             self._queue(session, MALFORMED_REPLY)
             session.closing = True
@@ -579,6 +671,7 @@ class Server:
         """The forward of `session` has an answer `line`, or failed: reply, then go on."""
         assert session.forwarding is not None
         client, query, answer = session.forwarding
+        self.metrics.forwards["answered" if line is not None else "failed"] += 1
         self._drop_forward(session)
         self._finish_forward(session, query, answer, line, failure)
         if session in self.sessions:
@@ -613,6 +706,7 @@ class Server:
         return self.responder.respond(query, conn, self.clock())
 
     def _queue(self, session: Session, line: bytes) -> None:
+        self.metrics.reply(line)
         # The idle timer restarts after each reply (PROTOCOL.md).
         session.deadline = self.clock() + self.config.limits.idle_timeout
         self.sessions.move_to_end(session)

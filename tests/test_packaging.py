@@ -25,19 +25,12 @@ def prefix(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=600,
     )
     (wheel,) = work.glob("procident-*.whl")
+    # A virtual environment of its own: pip install --prefix would uninstall the
+    # procident the tests run from.
     target = work / "prefix"
+    subprocess.run([sys.executable, "-m", "venv", str(target)], check=True, timeout=600)
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--prefix",
-            str(target),
-            str(wheel),
-        ],
+        [str(target / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
         check=True,
         capture_output=True,
         timeout=600,
