@@ -74,3 +74,28 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     command = ci.split("# test-command (keep identical to the README)\n", 1)[1].strip()
     readme = (ROOT / "README.md").read_text()
     assert f"\n{command}\n" in readme
+
+
+def test_every_key_has_type_default_and_example() -> None:
+    """Each key's entry in procident.toml(5) gives its type, its default and an example."""
+    body = MAN5.split(".Sh DESCRIPTION", 1)[1].split(".Sh USER FILES", 1)[0]
+    entries = re.split(r"^(?=\.It Ic \w+ No \()", body, flags=re.M)[1:]
+    assert len(entries) >= 50
+    for entry in entries:
+        key = re.match(r"\.It Ic (\w+) No \(([^)]+)\)", entry)
+        assert key, entry[:60]
+        text = entry.split("\n.Ss ", 1)[0]
+        assert "Default" in text and "Example" in text, key[1]
+
+
+def test_man_page_examples_are_valid_configurations() -> None:
+    """Every example configuration in procident.toml(5) is accepted as it stands."""
+    import tomllib
+
+    from procident.config import parse_config
+
+    examples = MAN5.split(".Sh EXAMPLES", 1)[1].split(".Sh ", 1)[0]
+    blocks = re.findall(r"^\.Bd -literal[^\n]*\n(.*?)^\.Ed", examples, re.M | re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        parse_config(tomllib.loads(block.replace("\\(dq", '"').replace("\\&", "")))
