@@ -316,9 +316,7 @@ def serve(
             raise click.ClickException(f"LISTEN_FDS: {err}") from None
         if listeners and listen:
             log.warning("--listen is ignored: the service manager passed listening sockets")
-        if listeners:
-            log.info("listening sockets passed by the service manager: %d", len(listeners))
-        else:
+        if not listeners:
             try:
                 listeners = open_listeners(config.server.listen)
             except ListenError as err:

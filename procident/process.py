@@ -170,4 +170,10 @@ def activated_sockets(environ: MutableMapping[str, str] = os.environ) -> list[so
             )
         sock.setblocking(False)
         sockets.append(sock)
+    if sockets:
+        log.info(
+            "listening sockets passed by the service manager: %d (%s)",
+            len(sockets),
+            names.replace(":", ", ") or "unnamed",
+        )
     return sockets

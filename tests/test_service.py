@@ -217,7 +217,7 @@ def test_socket_activation(spawn, config: Path) -> None:
     assert ask(port, b"1,1\r\n") == b"1,1:ERROR:NO-USER\r\n"  # the first one starts it
     wait_for(lambda: f"serving on 127.0.0.1:{port}" in log.read_text(), IO_TIMEOUT)
     text = log.read_text()
-    assert "listening sockets passed by the service manager: 1" in text
+    assert "listening sockets passed by the service manager: 1 (ident)" in text
     assert "[::]:113" not in text  # nothing of its own was bound
     assert proc_status(process.pid)["Uid"].split() == ["65534"] * 4
     assert ask(port, b"2,2\r\n") == b"2,2:ERROR:NO-USER\r\n"
