@@ -610,6 +610,10 @@ def load_config(path: str) -> Config:
         raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:  # TOML is UTF-8 (found by fuzz/fuzz_config.py)
+        raise ConfigError(
+            f"{path}: not UTF-8 text: byte {err.start} is {err.object[err.start]:#04x}"
+        ) from None
     return parse_config(data, path)
 
 

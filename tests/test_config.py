@@ -303,3 +303,12 @@ def test_parse_endpoint_refuses(text: str) -> None:
     """Host names, unbracketed IPv6, and odd ports are refused."""
     with pytest.raises(ValueError):
         parse_endpoint(text)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    """A file that is not UTF-8 is a ConfigError with the offending byte, not a traceback
+    (found by fuzz/fuzz_config.py)."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[server]\nuser = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match=r"not UTF-8 text: byte 20 is 0xe9"):
+        load_config(str(path))
