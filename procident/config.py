@@ -70,6 +70,7 @@ class ReplyConfig:
     unknown_uid: str = "numeric"  # or "no-user"
     inbound: str = "hide"  # or "no-user", "answer"
     mask_errors: bool = False
+    min_response_time: float = 0.0  # seconds every well-formed query waits at least
     reply_all: str = ""  # one id for every well-formed query, no lookup; empty: off
     fallback: str = ""  # id for connections not found or lookups that fail; empty: off
 
@@ -443,6 +444,7 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, Callable[[Any], Any]]]] = {
             "unknown_uid": _choice(*UNKNOWN_UID_ACTIONS),
             "inbound": _choice(*INBOUND_ACTIONS),
             "mask_errors": _boolean,
+            "min_response_time": _number(0, 10),
             "reply_all": _optional_user_id,
             "fallback": _optional_user_id,
         },
@@ -598,7 +600,13 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
                 sep = "" if reason.startswith("[") else ": "
                 raise ConfigError(f"{source}: {path}{sep}{reason}") from None
         sections[name] = cls(**values)
-    return Config(**sections)
+    config = Config(**sections)
+    if config.reply.min_response_time >= config.limits.idle_timeout:
+        raise ConfigError(
+            f"{source}: reply.min_response_time: {config.reply.min_response_time:g} must be "
+            f"shorter than limits.idle_timeout ({config.limits.idle_timeout})"
+        )
+    return config
 
 
 def load_config(path: str) -> Config:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import heapq
 import logging
 import selectors
 import signal
@@ -138,6 +139,8 @@ class Session:
         "events",
         "forwarding",
         "refused",
+        "asked_at",
+        "held",
     )
 
     def __init__(self, sock: socket.socket, peer: Endpoint, local: IPAddress, deadline: float):
@@ -158,6 +161,8 @@ class Session:
         # Over a limit, with limits.over_limit = "error": the limit's name; its next
         # query is answered UNKNOWN-ERROR, then the connection is closed.
         self.refused = ""
+        self.asked_at = 0.0  # when the query being answered was read
+        self.held = b""  # a reply kept back until [reply] min_response_time has passed
 
 
 class Server:
@@ -194,6 +199,9 @@ class Server:
         self.overflow = 0  # sessions over a connection cap, only to be refused (see Session)
         # Sessions waiting for a forward, in order of its deadline (one timeout for all).
         self.forwards: OrderedDict[Session, float] = OrderedDict()
+        # Replies kept back by [reply] min_response_time: (due, order, session).
+        self.held: list[tuple[float, int, Session]] = []
+        self.held_count = 0
         self.limiter = self._limiter(config)
         self.resume_accepting_at: float | None = None
         self.refusals: dict[str, int] = {}
@@ -269,6 +277,8 @@ class Server:
             deadlines.append(next(iter(self.sessions)).deadline)
         if self.forwards:
             deadlines.append(next(iter(self.forwards.values())))
+        if self.held:
+            deadlines.append(self.held[0][0])
         if self.resume_accepting_at is not None:
             deadlines.append(self.resume_accepting_at)
         if self.next_textfile is not None:
@@ -279,6 +289,16 @@ class Server:
         return max(0.0, min(deadlines) - self.clock())
 
     def _tick(self, now: float) -> None:
+        while self.held and self.held[0][0] <= now:
+            _, _, session = heapq.heappop(self.held)
+            if session.held and session in self.sessions:
+                line, session.held = session.held, b""
+                self._queue(session, line)
+                try:
+                    self._advance(session)
+                except Exception:
+                    log.exception("unexpected error serving %s; closing it", session.peer)
+                    self._close(session)
         while self.forwards:
             session, deadline = next(iter(self.forwards.items()))
             if deadline > now:
@@ -554,16 +574,14 @@ class Server:
             session.pending
             and not session.closing
             and session.forwarding is None
+            and not session.held
             and len(session.output) < MAX_OUTPUT
         ):
             self._answer(session, session.pending.popleft())
-        if (
-            session.refused == "max_queries_per_connection"
-            and not session.pending
-            and session.forwarding is None
-        ):
+        busy = session.forwarding is not None or bool(session.held)
+        if session.refused == "max_queries_per_connection" and not session.pending and not busy:
             session.closing = True  # no query waits to hear it is one too many
-        if session.closing and session.forwarding is None:
+        if session.closing and not busy:
             session.pending.clear()
         if session not in self.sessions:
             return
@@ -574,7 +592,7 @@ class Server:
         events = (selectors.EVENT_READ if wants_read else 0) | (
             selectors.EVENT_WRITE if session.output else 0
         )
-        if not events and session.forwarding is None:
+        if not events and not busy:
             self._close(session)  # nothing more to read or send
         elif events != session.events:
             callback = functools.partial(self._on_event, session)
@@ -600,12 +618,13 @@ class Server:
             return
         limits = self.config.limits
         session.queries += 1
+        session.asked_at = self.clock()
         if session.refused:
             # Over a cap, with over_limit = "error": this answer, then close.
             session.closing = True
             line = format_reply(event.server_port, event.client_port, UNKNOWN_ERROR)
             self._log_answer(session, event, line, f"limits.{session.refused}")
-            self._queue(session, line)
+            self._reply(session, line)
             return
         if session.queries >= limits.max_queries_per_connection:
             if limits.over_limit == "error":
@@ -631,7 +650,19 @@ class Server:
             assert answer.line is not None
             line = answer.line
             self._log_answer(session, event, line, answer.rule, answer)
-        self._queue(session, line)
+        self._reply(session, line)
+
+    def _reply(self, session: Session, line: bytes) -> None:
+        """Send the reply to a well-formed query, or keep it back until
+        [reply] min_response_time has passed since the query was read: hidden,
+        absent and found owners then take the same minimum time to answer."""
+        due = session.asked_at + self.config.reply.min_response_time
+        if due <= self.clock():
+            self._queue(session, line)
+            return
+        session.held = line
+        self.held_count += 1
+        heapq.heappush(self.held, (due, self.held_count, session))
 
     # -- forwards -------------------------------------------------------------
 
@@ -696,7 +727,7 @@ class Server:
         final = self.responder.finish_forward(query, answer, line, failure)
         assert final.line is not None
         self._log_answer(session, query, final.line, final.rule, final)
-        self._queue(session, final.line)
+        self._reply(session, final.line)
 
     def _respond(self, session: Session, query: Query) -> Answer:
         conn = ConnectionId(
@@ -739,6 +770,7 @@ class Server:
             return
         del self.sessions[session]
         self._drop_forward(session)
+        session.held = b""  # its entry in self.held is skipped when due
         if session.refused in ("max_connections", "per_client_connections"):
             self.overflow -= 1
         else:

@@ -153,6 +153,10 @@ def test_values_are_read(tmp_path: Path) -> None:
         ({"tokens": {"key_file": "token.key"}}, "tokens.key_file: must be an absolute path"),
         ({"forward": {"timeout": 0}}, "forward.timeout: must be a number from 0.1 to 60"),
         (
+            {"reply": {"min_response_time": 5}, "limits": {"idle_timeout": 5}},
+            "reply.min_response_time: 5 must be shorter than limits.idle_timeout (5)",
+        ),
+        (
             {"lookup": {"backend": "ebpf"}},
             "lookup.backend: must be one of 'auto', 'netlink', 'procfs'",
         ),

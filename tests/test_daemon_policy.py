@@ -327,3 +327,36 @@ def test_json_log_and_no_user_names(start_daemon) -> None:
     )
     assert "daemon" not in answer["message"] and answer["level"] == "info"
     assert all({"time", "level", "message"} <= set(entry) for entry in entries)
+
+
+def test_min_response_time_hides_latency(start_daemon) -> None:
+    """With reply.min_response_time, hidden, absent and found owners answer in the same
+    time: every reply of 25 per kind comes no sooner than the minimum, and the medians
+    of the three distributions are within a tenth of each other."""
+    import statistics
+    import time as clock
+
+    delay = 0.05
+    daemon = start_daemon(
+        f"[reply]\nmin_response_time = {delay}\n"
+        '[[rules]]\nuids = [1]\naction = "hide"\n[limits]\nper_client_rate = 0\n'
+        "max_queries_per_connection = 100\n"
+    )
+    times: dict[str, list[float]] = {"hidden": [], "absent": [], "found": []}
+    with (
+        owned_connection(1, SERVICE4, "127.0.0.1") as hidden,
+        owned_connection(2, SERVICE4, "127.0.0.1") as found,
+        daemon.connect() as sock,
+    ):
+        queries = {"hidden": hidden.query, "absent": b"1,1\r\n", "found": found.query}
+        for _ in range(25):
+            for kind, query in queries.items():
+                started = clock.perf_counter()
+                sock.sendall(query)
+                reply = sock.recv(1000)
+                times[kind].append(clock.perf_counter() - started)
+                expected = {"hidden": b"HIDDEN-USER", "absent": b"NO-USER", "found": b"bin"}
+                assert reply.endswith(expected[kind] + b"\r\n"), reply
+    assert all(t >= delay for samples in times.values() for t in samples)
+    medians = [statistics.median(samples) for samples in times.values()]
+    assert max(medians) / min(medians) < 1.1, medians

@@ -388,3 +388,28 @@ def test_connections_over_a_cap_are_bounded(make) -> None:
         client.close()
     pump(server, 10)
     assert server.overflow == 0 and not server.sessions and not server.per_client
+
+
+def test_min_response_time_holds_replies_in_order(make) -> None:
+    """With reply.min_response_time, no reply leaves before that time since its query was
+    read; pipelined queries are answered in order, each after its own wait."""
+    fixture = make("[reply]\nmin_response_time = 2\n[limits]\nper_client_rate = 0\n")
+    fixture.own(40001, 6667)
+    client = connect(fixture.server)
+    client.send(b"40001,6667\r\n1,1\r\n")
+    pump(fixture.server, 5)
+    assert received(client) == b""  # held
+    fixture.clock.now += 2
+    pump(fixture.server, 5)
+    assert received(client) == b"40001,6667:USERID:UNIX:alice\r\n"  # the second one waits
+    fixture.clock.now += 2
+    pump(fixture.server, 5)
+    assert received(client) == b"1,1:ERROR:NO-USER\r\n"
+    client.close()
+    other = connect(fixture.server)
+    other.send(b"1,1\r\n")
+    pump(fixture.server, 5)
+    other.close()  # leaves while its reply is held: nothing breaks
+    fixture.clock.now += 2
+    pump(fixture.server, 5)
+    assert not fixture.server.sessions
