@@ -204,6 +204,8 @@ class Server:
         self.held_count = 0
         self.limiter = self._limiter(config)
         self.resume_accepting_at: float | None = None
+        self.pauses = 0
+        self.pause_logged_at = float("-inf")
         self.refusals: dict[str, int] = {}
         self.refusal_logged_at: dict[str, float] = {}
         self.running = False
@@ -478,8 +480,22 @@ class Server:
             self._admit(sock, address)
 
     def _pause_accepting(self, err: OSError) -> None:
-        level = logging.WARNING if err.errno in _EXHAUSTED else logging.ERROR
-        log.log(level, "cannot accept: %s; not accepting for %.0fs", err.strerror, ACCEPT_PAUSE)
+        now = self.clock()
+        self.pauses += 1
+        if now - self.pause_logged_at >= REFUSAL_LOG_INTERVAL:
+            # At most one line per interval: a client leaving resumes accepting at once,
+            # so a daemon at its file limit may pause often.
+            level = logging.WARNING if err.errno in _EXHAUSTED else logging.ERROR
+            log.log(
+                level,
+                "cannot accept: %s; not accepting for %.0fs, or until a client leaves "
+                "(%d pause(s) since the last line)",
+                err.strerror,
+                ACCEPT_PAUSE,
+                self.pauses,
+            )
+            self.pauses = 0
+            self.pause_logged_at = now
         for sock in self.listeners:
             self.selector.unregister(sock)
         self.resume_accepting_at = self.clock() + ACCEPT_PAUSE
@@ -782,6 +798,10 @@ class Server:
         if session.events:
             self.selector.unregister(session.sock)
         session.sock.close()
+        if self.resume_accepting_at is not None:
+            # Paused for want of a file descriptor: one is free now.
+            self.resume_accepting_at = None
+            self._listen()
 
     def _log_answer(
         self,
