@@ -235,3 +235,76 @@ def test_proc_table_round_trip(rows4: list[SocketEntry], rows6: list[SocketEntry
         assert [(e.local, e.remote, e.state, e.uid, e.inode) for e in parsed] == [
             (e.local, e.remote, e.state, e.uid, e.inode) for e in rows
         ]
+
+
+# -- the conntrack parser ------------------------------------------------------------
+
+conntrack_words = st.sampled_from(
+    [
+        "ipv4",
+        "ipv6",
+        "2",
+        "10",
+        "tcp",
+        "6",
+        "udp",
+        "17",
+        "ESTABLISHED",
+        "[ASSURED]",
+        "src=10.0.0.1",
+        "dst=10.0.0.2",
+        "sport=1",
+        "dport=65535",
+        "sport=70000",
+        "src=::1",
+        "dst=x",
+        "use=1",
+        "packets=3",
+        "=",
+    ]
+)
+
+
+@SETTINGS
+@given(st.lists(st.one_of(conntrack_words, st.text(max_size=10)), max_size=20))
+def test_conntrack_line_parses_or_refuses(words: list[str]) -> None:
+    """Any line gives a tracked connection, None (not TCP) or a ValueError."""
+    from procident.lookup.conntrack import parse_line as parse_conntrack
+
+    with contextlib.suppress(ValueError):
+        parse_conntrack(" ".join(words))
+
+
+@st.composite
+def tracked_connections(draw: st.DrawFn) -> tuple[str, list[Endpoint]]:
+    six = draw(st.booleans())
+    addresses = addresses6 if six else addresses4
+    ends = [Endpoint(draw(addresses), draw(st.integers(0, 65535))) for _ in range(4)]  # type: ignore[arg-type]
+
+    def show(endpoint: Endpoint) -> str:
+        address = endpoint.address
+        if address.version == 6:  # the kernel's %pI6: eight groups of four digits
+            return address.exploded
+        return str(address)
+
+    tuples = " ".join(
+        f"src={show(a)} dst={show(b)} sport={a.port} dport={b.port}"
+        for a, b in ((ends[0], ends[1]), (ends[2], ends[3]))
+    )
+    family = "ipv6     10" if six else "ipv4     2"
+    return f"{family} tcp      6 431999 ESTABLISHED {tuples} [ASSURED] mark=0 use=1", ends
+
+
+@SETTINGS
+@given(tracked_connections())
+def test_conntrack_round_trip(case: tuple[str, list[Endpoint]]) -> None:
+    """A line written the kernel's way parses back to the same four ends."""
+    from procident.lookup import normalize_address
+    from procident.lookup.conntrack import parse_line as parse_conntrack
+
+    line, ends = case
+    tracked = parse_conntrack(line)
+    assert tracked is not None and tracked.state == "ESTABLISHED"
+    expected = [Endpoint(normalize_address(e.address), e.port) for e in ends]
+    got = [tracked.original.src, tracked.original.dst, tracked.reply.src, tracked.reply.dst]
+    assert got == expected
