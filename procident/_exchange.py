@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from procident.config import LimitsConfig
+from procident.policy import UNKNOWN_ERROR
 from procident.protocol import (
     ErrorReply,
     ErrorType,
@@ -24,7 +25,6 @@ from procident.protocol import (
 
 CLOSE = None  # end the connection (after sending what came before)
 MALFORMED_REPLY = format_reply(0, 0, ErrorReply(ErrorType.INVALID_PORT))
-UNKNOWN = ErrorReply(ErrorType.UNKNOWN_ERROR)
 
 Step = bytes | Query | None
 """A reply line ready to send, a query whose reply needs a lookup, or CLOSE."""
@@ -54,12 +54,16 @@ class Exchange:
                 return [*steps, MALFORMED_REPLY, CLOSE]
             if self.refused:
                 # A query already sent past the cap hears so, then the connection ends.
-                return [*steps, format_reply(event.server_port, event.client_port, UNKNOWN), CLOSE]
+                return [
+                    *steps,
+                    format_reply(event.server_port, event.client_port, UNKNOWN_ERROR),
+                    CLOSE,
+                ]
             self.queries += 1
             if not allow():
                 if self.limits.over_limit == "close":
                     return [*steps, CLOSE]
-                steps.append(format_reply(event.server_port, event.client_port, UNKNOWN))
+                steps.append(format_reply(event.server_port, event.client_port, UNKNOWN_ERROR))
             elif isinstance(event, InvalidPort):
                 error = ErrorReply(ErrorType.INVALID_PORT)
                 steps.append(format_reply(event.server_port, event.client_port, error))

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from procident._embed import Lookup, failure_line, reply_from, reply_line
-from procident._exchange import CLOSE, UNKNOWN, Exchange
+from procident._exchange import CLOSE, Exchange
 from procident.config import LimitsConfig
 from procident.lookup import ConnectionId, Endpoint, endpoint_from_sockaddr
-from procident.policy import RateLimiter, client_key
+from procident.policy import UNKNOWN_ERROR, RateLimiter, client_key
 from procident.protocol import Query
 
 __all__ = ["IdentServer", "serve_ident", "start_ident_server"]
@@ -54,10 +54,7 @@ class IdentServer:
     limiter: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
-        limits = self.limits
-        self.limiter = RateLimiter(
-            limits.per_client_rate, limits.per_client_burst, limits.clients_tracked
-        )
+        self.limiter = RateLimiter.for_limits(self.limits)
 
     @property
     def sockets(self) -> tuple[Any, ...]:
@@ -185,6 +182,6 @@ async def _answer(state: IdentServer, query: Query, conn: ConnectionId) -> bytes
             query.client_port,
             state.lookup_timeout,
         )
-        return reply_line(query, UNKNOWN)
+        return reply_line(query, UNKNOWN_ERROR)
     except Exception as err:
         return failure_line(query, err)

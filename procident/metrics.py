@@ -32,7 +32,6 @@ class Metrics:
         self.overlong = 0  # lines past 1000 bytes
         self.timed_out = 0  # connections closed at the idle timeout
         self.forwards: Counter[str] = Counter()  # "answered" or "failed"
-        self.open_connections = 0
         self.lookups = [0] * (len(BUCKETS) + 1)  # per bucket, +Inf last
         self.lookup_seconds = 0.0
 
@@ -49,7 +48,7 @@ class Metrics:
         self.lookups[bisect.bisect_left(BUCKETS, seconds)] += 1
         self.lookup_seconds += seconds
 
-    def render(self) -> str:
+    def render(self, open_connections: int) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
         out = [
             "# HELP procident_replies_total Replies sent, by type (USERID or the error).",
@@ -84,7 +83,7 @@ class Metrics:
         out += [
             "# HELP procident_open_connections Client connections open now.",
             "# TYPE procident_open_connections gauge",
-            f"procident_open_connections {self.open_connections}",
+            f"procident_open_connections {open_connections}",
             "# HELP procident_lookup_seconds Time to ask the kernel who owns a connection.",
             "# TYPE procident_lookup_seconds histogram",
         ]
@@ -103,7 +102,7 @@ class Metrics:
         ]
         return "\n".join(out) + "\n"
 
-    def summary(self) -> str:
+    def summary(self, open_connections: int) -> str:
         """One log line of the counts (SIGUSR1)."""
         replies = " ".join(f"{k}={v}" for k, v in self.replies.items())
         refused = " ".join(f"{k}={v}" for k, v in sorted(self.refused.items())) or "none"
@@ -112,7 +111,7 @@ class Metrics:
         return (
             f"metrics: replies {replies}; refused {refused}; malformed={self.malformed} "
             f"overlong={self.overlong} timed_out={self.timed_out}; "
-            f"open_connections={self.open_connections}; lookups={count} "
+            f"open_connections={open_connections}; lookups={count} "
             f"mean={mean:.0f}us; backend={self.backend}"
         )
 

@@ -17,7 +17,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from procident.config import CONCEALING, AccessConfig, Config, ReplyConfig, Rule
+from procident.config import CONCEALING, AccessConfig, Config, LimitsConfig, ReplyConfig, Rule
 from procident.lookup import ConnectionId, Endpoint, Found, IPAddress
 from procident.protocol import ErrorReply, ErrorType, Reply, UserIdReply
 from procident.userfiles import Choice, UserFiles
@@ -371,16 +371,14 @@ class RateLimiter:
         self.size = size
         self._buckets: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
 
+    @classmethod
+    def for_limits(cls, limits: LimitsConfig) -> RateLimiter:
+        """The limiter that [limits] per_client_rate, per_client_burst and clients_tracked
+        describe."""
+        return cls(limits.per_client_rate, limits.per_client_burst, limits.clients_tracked)
+
     def __len__(self) -> int:
         return len(self._buckets)
-
-    def __eq__(self, other: object) -> bool:
-        """Limiters with the same settings (the server keeps its table across reloads)."""
-        if not isinstance(other, RateLimiter):
-            return NotImplemented
-        return (self.rate, self.burst, self.size) == (other.rate, other.burst, other.size)
-
-    __hash__ = None  # type: ignore[assignment]
 
     def allow(self, client: Hashable, now: float) -> bool:
         """Take one token from `client`'s bucket at time `now`; False if it is empty."""

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from types import FrameType
 
+from procident._exchange import MALFORMED_REPLY
 from procident.config import Config, ConfigError
 from procident.forward import ForwardClient, ForwardFailed
 from procident.lookup import ConnectionId, Endpoint, IPAddress, endpoint_from_sockaddr
@@ -57,7 +58,6 @@ REFUSAL_LOG_INTERVAL = 10.0
 MAX_SCRAPERS = 8  # metrics connections open at once
 SCRAPE_TIMEOUT = 5.0  # seconds a metrics client has to send its request
 MAX_OVERFLOW = 64  # connections over a cap kept open at once to be answered UNKNOWN-ERROR
-MALFORMED_REPLY = format_reply(0, 0, ErrorReply(ErrorType.INVALID_PORT))
 # Sections bound at start: listeners and the account (root is gone by a
 # reload), the lookup backend, the token key (readable by root only), and the
 # metrics listener and textfile.
@@ -66,6 +66,11 @@ RESTART_ONLY = ("server", "lookup", "tokens", "metrics")
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # accept() errors about one connection that went away before we took it.
 _ABORTED = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
+
+
+def _rate_settings(config: Config) -> tuple[float, int, int]:
+    limits = config.limits
+    return limits.per_client_rate, limits.per_client_burst, limits.clients_tracked
 
 
 class ListenError(Exception):
@@ -202,7 +207,7 @@ class Server:
         # Replies kept back by [reply] min_response_time: (due, order, session).
         self.held: list[tuple[float, int, Session]] = []
         self.held_count = 0
-        self.limiter = self._limiter(config)
+        self.limiter = RateLimiter.for_limits(config.limits)
         self.resume_accepting_at: float | None = None
         self.pauses = 0
         self.pause_logged_at = float("-inf")
@@ -341,8 +346,7 @@ class Server:
             if signum == signal.SIGHUP:
                 self._reload()
             elif signum == signal.SIGUSR1:
-                self.metrics.open_connections = len(self.sessions)
-                log.info("%s", self.metrics.summary())
+                log.info("%s", self.metrics.summary(self._open_connections()))
             else:
                 log.info("stopping on %s", signal.Signals(signum).name)
                 self.running = False
@@ -375,8 +379,8 @@ class Server:
             # Keep describing what runs, so the next reload warns again.
             config = replace(config, **{name: getattr(self.config, name) for name in waiting})
         shorter = config.limits.idle_timeout < self.config.limits.idle_timeout
-        if self._limiter(config) != self._limiter(self.config):
-            self.limiter = self._limiter(config)
+        if _rate_settings(config) != _rate_settings(self.config):
+            self.limiter = RateLimiter.for_limits(config.limits)  # else buckets carry over
         if config.forward.timeout < self.config.forward.timeout:
             cap = self.clock() + config.forward.timeout
             for session, deadline in sorted(self.forwards.items(), key=lambda item: item[1]):
@@ -394,16 +398,14 @@ class Server:
             for session in sorted(self.sessions, key=lambda s: s.deadline):
                 self.sessions.move_to_end(session)
 
-    @staticmethod
-    def _limiter(config: Config) -> RateLimiter:
-        limits = config.limits
-        return RateLimiter(limits.per_client_rate, limits.per_client_burst, limits.clients_tracked)
-
     # -- metrics --------------------------------------------------------------
 
+    def _open_connections(self) -> int:
+        """Client connections served now; those held only to be refused do not count."""
+        return len(self.sessions) - self.overflow
+
     def render_metrics(self) -> str:
-        self.metrics.open_connections = len(self.sessions) - self.overflow
-        return self.metrics.render()
+        return self.metrics.render(self._open_connections())
 
     def write_textfile(self) -> None:
         """Write the metrics to [metrics] textfile, atomically; a failure is logged."""

@@ -226,26 +226,24 @@ def _oidentd_tokens(text: str) -> list[tuple[str, str, int]]:
     text = _COMMENTS.sub(blank, text)
     tokens: list[tuple[str, str, int]] = []
     position = 0
+    line = 1  # of `position`; counted as the scan moves, never from the start again
     for match in _OIDENTD_TOKEN.finditer(text):
-        gap = text[position : match.start()]
-        if gap.strip().startswith('"'):
-            line = text.count("\n", 0, position) + 1
+        gap = text[position : match.start()].strip()
+        if gap.startswith('"'):
             raise UserFileError(f"line {line}: unterminated string")
-        if gap.strip():
-            raise UserFileError(
-                f"line {text.count(chr(10), 0, position) + 1}: cannot read {gap.strip()[:20]!r}"
-            )
-        line = text.count("\n", 0, match.start()) + 1
+        if gap:
+            raise UserFileError(f"line {line}: cannot read {gap[:20]!r}")
+        line += text.count("\n", position, match.start())
         if match[1] is not None:
             tokens.append(("string", _unescape(match[1]), line))
         elif match[2] is not None:
             tokens.append(("brace", match[2], line))
         else:
             tokens.append(("word", match[3], line))
+        line += match[0].count("\n")  # a quoted string may span lines
         position = match.end()
-    rest = text[position:]
-    if rest.strip():
-        raise UserFileError(f"line {text.count(chr(10), 0, position) + 1}: unterminated string")
+    if text[position:].strip():
+        raise UserFileError(f"line {line}: unterminated string")
     return tokens
 
 

@@ -413,3 +413,15 @@ def test_min_response_time_holds_replies_in_order(make) -> None:
     fixture.clock.now += 2
     pump(fixture.server, 5)
     assert not fixture.server.sessions
+
+
+def test_reload_shortens_a_forward_under_way(make, apps) -> None:
+    """A reload that shortens forward.timeout applies to forwards already out."""
+    app = apps(lambda line: None)
+    fixture = make(forwarding(app, "[forward]\ntimeout = 30\n"))
+    fixture.own(40001, 6667)
+    waiting, reply = fixture.ask(b"40001,6667\r\n", turns=10)
+    assert reply == b""
+    fixture.server.apply(parse_config(tomllib.loads(forwarding(app, "[forward]\ntimeout = 1\n"))))
+    fixture.clock.now += 1
+    assert fixture.pump_until(waiting) == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n"

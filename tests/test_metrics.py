@@ -32,10 +32,8 @@ def sample(text: str, name: str) -> float:
     return float(match[1])
 
 
-def exchange(fixture: MetricsFixture, data: bytes) -> bytes:
-    client = connect(fixture.server)
-    client.send(data)
-    client.shutdown(socket.SHUT_WR)
+def read_until_closed(fixture: MetricsFixture, client: socket.socket) -> bytes:
+    """Run the loop and collect what `client` receives until the server closes it."""
     out = b""
     for _ in range(100):
         pump(fixture.server, 1)
@@ -45,6 +43,13 @@ def exchange(fixture: MetricsFixture, data: bytes) -> bytes:
         out += chunk
     client.close()
     return out
+
+
+def exchange(fixture: MetricsFixture, data: bytes) -> bytes:
+    client = connect(fixture.server)
+    client.send(data)
+    client.shutdown(socket.SHUT_WR)
+    return read_until_closed(fixture, client)
 
 
 def scrape(
@@ -54,15 +59,7 @@ def scrape(
     client = socket.create_connection(fixture.server.metrics_listener.getsockname())
     client.setblocking(False)
     client.send(request)
-    out = b""
-    for _ in range(100):
-        pump(fixture.server, 1)
-        chunk = received(client)
-        if chunk is None:
-            break
-        out += chunk
-    client.close()
-    return out
+    return read_until_closed(fixture, client)
 
 
 class MetricsFixture(Fixture):
@@ -141,7 +138,8 @@ def test_idle_timeouts_counted(make) -> None:
 def test_http_requests() -> None:
     """GET and HEAD of /metrics are served; other paths 404, other methods 405; an
     incomplete request waits."""
-    body = Metrics("netlink").render()
+    body = Metrics("netlink").render(open_connections=3)
+    assert sample(body, "procident_open_connections") == 3
     assert http_response(b"GET /metrics HTTP/1.1\r\nHost: x\r", body) is None
     ok = http_response(b"GET /metrics?x=1 HTTP/1.1\r\n\r\n", body)
     assert ok is not None and ok.endswith(body.encode())
@@ -191,3 +189,20 @@ def test_daemon_metrics(start_daemon, workdir: Path) -> None:
     assert not list(workdir.glob("procident.prom.*.tmp"))
     daemon.process.send_signal(signal.SIGUSR1)
     daemon.wait_log(r"metrics: replies USERID=0 INVALID-PORT=0 NO-USER=1 ")
+
+
+def test_open_connections_gauge(make) -> None:
+    """The gauge counts the connections being served now; one held over max_connections
+    only to be refused does not count."""
+    fixture = make("max_connections = 1\n")
+    clients = [connect(fixture.server) for _ in range(2)]
+    pump(fixture.server, 5)
+    assert fixture.server.overflow == 1
+    assert sample(fixture.server.render_metrics(), "procident_open_connections") == 1
+    assert "open_connections=1;" in fixture.server.metrics.summary(
+        fixture.server._open_connections()
+    )
+    for client in clients:
+        client.close()
+    pump(fixture.server, 5)
+    assert sample(fixture.server.render_metrics(), "procident_open_connections") == 0
