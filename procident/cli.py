@@ -55,6 +55,7 @@ from procident.lookup import (
     normalize_address,
     select_backend,
 )
+from procident.lookup.conntrack import PATH, ConntrackTable
 from procident.process import (
     Notifier,
     PrivilegeError,
@@ -338,6 +339,7 @@ def serve(
                 f"cannot write pid file {pid_file}: {err.strerror}"
             ) from None
     tokens = _token_maker(config) if uses_tokens(config) else None
+    conntrack = _conntrack(config) if config.nat.enabled else None  # root-only file
     helper: HomeHelper | None = None
     read_files: FileReader | None = None
     if reads_user_files(config):
@@ -368,6 +370,11 @@ def serve(
             )
         if reads_user_files(new) and read_files is None:
             log.warning("user files are read only if the configuration at start reads them")
+        if new.nat.enabled and conntrack is None:
+            raise ConfigError(
+                f"{config_file(config_path) or 'built-in defaults'}: nat.enabled: the "
+                "connection-tracking table is opened at start, as root; restart to turn NAT on"
+            )
         if uses_tokens(new) and tokens is None:
             log.warning(
                 "the token key is read only if the configuration at start uses tokens; "
@@ -376,7 +383,7 @@ def serve(
         return new
 
     accounts = Accounts(config, read_files)
-    responder = Responder(backend, config, accounts=accounts, tokens=tokens)
+    responder = Responder(backend, config, accounts=accounts, tokens=tokens, conntrack=conntrack)
     if client is not None:
         try:
             serve_connection(responder, config, *client)
@@ -397,6 +404,21 @@ def serve(
         if helper is not None:
             helper.close()
     log.info("stopped")
+
+
+def _conntrack(config: Config) -> ConntrackTable:
+    """The connection-tracking table, opened for [nat] enabled = true."""
+    try:
+        return ConntrackTable()
+    except OSError as err:
+        hint = ""
+        if err.errno == errno.ENOENT:
+            hint = " (is the nf_conntrack module loaded? It is once a NAT rule exists)"
+        elif err.errno == errno.EACCES:
+            hint = " (it is readable by root only)"
+        raise click.ClickException(
+            f"nat.enabled: cannot open {PATH}: {err.strerror}{hint}"
+        ) from None
 
 
 def reads_user_files(config: Config) -> bool:
@@ -519,7 +541,14 @@ def lookup(local: Endpoint, remote: Endpoint, config_path: str | None) -> None:
     setup_logging(LogConfig(level="warning"))
     tokens = _token_maker(config) if uses_tokens(config) else None
     accounts = Accounts(config, read_home_files)
-    responder = Responder(_backend(config.lookup.backend), config, accounts=accounts, tokens=tokens)
+    conntrack = _conntrack(config) if config.nat.enabled else None
+    responder = Responder(
+        _backend(config.lookup.backend),
+        config,
+        accounts=accounts,
+        tokens=tokens,
+        conntrack=conntrack,
+    )
     query = Query(local.port, remote.port)
     answer = responder.respond(query, ConnectionId(local, remote), time.monotonic(), True)
     if answer.forward is not None:

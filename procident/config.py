@@ -138,6 +138,31 @@ class ForwardConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class NatMapEntry:
+    """One [[nat.map]] entry: the answer for inner hosts in `hosts`."""
+
+    name: str
+    hosts: tuple[IPNetwork, ...]
+    action: str = "reply"  # or "hide", "no-user", "deny"
+    reply: tuple[str, ...] = ()  # action "reply": one of these, at random
+    os: str = ""  # empty: [reply] other_os
+    charset: str = ""  # empty: [reply] charset
+
+
+@dataclass(frozen=True, slots=True)
+class NatConfig:
+    """[nat]: answering for connections this host translates for hosts behind it, and
+    queries forwarded by the gateway in front of this host."""
+
+    enabled: bool = False  # look translated connections up in the connection-tracking table
+    order: str = "forward"  # or "map": which of the two is tried first
+    forward: bool = True  # ask the inner host's ident daemon
+    port: int = 113  # the inner hosts' ident port
+    map: tuple[NatMapEntry, ...] = ()
+    gateways: tuple[IPNetwork, ...] = ()  # whose forwarded queries this host answers
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """[metrics]: counters for monitoring, in the Prometheus text format."""
 
@@ -179,6 +204,7 @@ class Config:
     tokens: TokensConfig = field(default_factory=TokensConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    nat: NatConfig = field(default_factory=NatConfig)
     rules: tuple[Rule, ...] = DEFAULT_RULES
 
 
@@ -189,6 +215,8 @@ UNKNOWN_UID_ACTIONS = ("numeric", "no-user")
 INBOUND_ACTIONS = ("hide", "no-user", "answer")
 LOOKUP_BACKENDS = ("auto", "netlink", "procfs")
 OVER_LIMIT_ACTIONS = ("error", "close")
+NAT_ORDERS = ("forward", "map")
+NAT_MAP_ACTIONS = ("reply", "hide", "no-user", "deny")
 ACTIONS = (
     "real",
     "numeric",
@@ -469,6 +497,17 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, Callable[[Any], Any]]]] = {
     ),
     "tokens": (TokensConfig, {"key_file": _path}),
     "forward": (ForwardConfig, {"timeout": _number(0.1, 60)}),
+    "nat": (
+        NatConfig,
+        {
+            "enabled": _boolean,
+            "order": _choice(*NAT_ORDERS),
+            "forward": _boolean,
+            "port": _integer(1, 65535),
+            "map": lambda value: _nat_map(value),
+            "gateways": _list_of(_network, "networks"),
+        },
+    ),
     "metrics": (
         MetricsConfig,
         {
@@ -555,6 +594,51 @@ def _parse_rule(table: object, path: str) -> Rule:
         )
     values.setdefault("name", path)
     return Rule(**values)
+
+
+_NAT_MAP_KEYS: dict[str, Callable[[Any], Any]] = {
+    "name": _name,
+    "hosts": _list_of(_network, "networks"),
+    "action": _choice(*NAT_MAP_ACTIONS),
+    "reply": _RULE_KEYS["reply"],
+    "os": _token("OS token"),
+    "charset": _token("charset"),
+}
+
+
+def _nat_map(value: object) -> tuple[NatMapEntry, ...]:
+    """[[nat.map]] entries; a ValueError starts with the entry's index and key."""
+    if not isinstance(value, list):
+        raise ValueError("must be an array of tables [[nat.map]]")
+    entries: list[NatMapEntry] = []
+    for index, table in enumerate(value):
+        where = f"[{index}]"
+        if not isinstance(table, dict):
+            raise ValueError(f"{where}: must be a table [[nat.map]]")
+        values: dict[str, Any] = {}
+        for key, item in table.items():
+            if key not in _NAT_MAP_KEYS:
+                raise ValueError(_unknown(key, list(_NAT_MAP_KEYS), f"{where}.{key}"))
+            try:
+                values[key] = _NAT_MAP_KEYS[key](item)
+            except ValueError as err:
+                reason = str(err)
+                raise ValueError(
+                    f"{where}.{key}{'' if reason.startswith('[') else ': '}{reason}"
+                ) from None
+        if not values.get("hosts"):
+            raise ValueError(f'{where}: needs hosts, a list such as ["192.168.1.0/24"]')
+        action = values.setdefault("action", "reply")
+        replies = values.get("reply", ())
+        if action == "reply" and not 1 <= len(replies) <= MAX_REPLIES:
+            raise ValueError(f'{where}: action = "reply" needs reply, 1 to {MAX_REPLIES} ids')
+        if action != "reply" and ("reply" in values or "os" in values or "charset" in values):
+            raise ValueError(f'{where}: reply, os and charset are used only with action = "reply"')
+        values.setdefault("name", f"nat.map{where}")
+        if any(entry.name == values["name"] for entry in entries):
+            raise ValueError(f"{where}.name: {values['name']!r} names an earlier entry too")
+        entries.append(NatMapEntry(**values))
+    return tuple(entries)
 
 
 def _parse_rules(value: object, source: str) -> tuple[Rule, ...]:

@@ -88,7 +88,7 @@ def forward_blocking(responder: Responder, query: Query, answer: Answer, timeout
     line: bytes | None = None
     failure = ""
     try:
-        client = ForwardClient(answer.forward.target, query)
+        client = ForwardClient(answer.forward.target, answer.forward.ask)
     except ForwardFailed as err:
         return responder.finish_forward(query, answer, None, str(err))
     with selectors.DefaultSelector() as selector:

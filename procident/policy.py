@@ -341,6 +341,23 @@ def mask(reply: Reply, config: ReplyConfig) -> Reply:
     return reply
 
 
+def nat_map(inner: IPAddress, config: Config, rng: random.Random) -> Decision | None:
+    """The [[nat.map]] answer for the inner host at `inner` (first match wins), or None."""
+    for entry in config.nat.map:
+        if not any(inner in network for network in entry.hosts):
+            continue
+        if entry.action != "reply":
+            return Decision(_FIXED[entry.action], entry.name, entry.action)
+        user_id = entry.reply[0] if len(entry.reply) == 1 else rng.choice(entry.reply)
+        reply = UserIdReply(
+            user_id,
+            entry.os or config.reply.other_os,
+            entry.charset or config.reply.charset or None,
+        )
+        return Decision(reply, entry.name, "reply")
+    return None
+
+
 def client_key(address: IPAddress) -> IPAddress | ipaddress.IPv6Network:
     """What counts as one client for the per-client cap: an IPv4 address, or an IPv6 /64
     (one host commonly holds a whole /64, so counting addresses would cap nothing)."""

@@ -15,13 +15,22 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from procident import policy
 from procident.config import Config, ReplyConfig
 from procident.homes import FileState, user_files_from
-from procident.lookup import Backend, ConnectionId, Endpoint, Found, LookupFailed
+from procident.lookup import (
+    Backend,
+    ConnectionId,
+    Endpoint,
+    Found,
+    LookupFailed,
+    normalize_address,
+)
+from procident.lookup.conntrack import ConntrackTable
+from procident.lookup.procfs import ProcfsBackend
 from procident.protocol import (
     ErrorReply,
     Query,
@@ -40,13 +49,32 @@ V = TypeVar("V")
 
 
 @dataclass(frozen=True, slots=True)
+class NatPlan:
+    """A translated connection's forward: what the inner host is asked about, and what
+    to answer when it gives no usable answer."""
+
+    inner: ConnectionId  # as the inner host sees it: its end, then the querier's
+    fallback: Reply
+    fallback_rule: str
+    from_gateway: bool  # the query was itself forwarded, by a gateway in [nat] gateways
+
+    @property
+    def key(self) -> tuple[Endpoint, Endpoint]:
+        """What the loop guard compares: one inner connection is asked about once at a time."""
+        return self.inner.local, self.inner.remote
+
+
+@dataclass(frozen=True, slots=True)
 class Forward:
-    """A query to pass on to an application's ident server before answering."""
+    """A query to pass on to another ident server before answering: an application's own
+    (a rule's or a user's action "forward"), or an inner host's (NAT, `nat` set)."""
 
     target: Endpoint
+    ask: Query  # the port pair to send: the query's own, or the inner connection's
     decision: policy.Decision
     conn: ConnectionId
-    owner: policy.Owner
+    owner: policy.Owner | None
+    nat: NatPlan | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,8 +241,16 @@ class Responder:
         tokens: TokenMaker | None = None,
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
+        conntrack: ConntrackTable | None = None,
+        any_remote: Callable[[Endpoint, int], list[Found]] | None = None,
     ) -> None:
         self.backend = backend
+        # NAT: the connection-tracking table (opened as root at start), and the search of
+        # the socket tables for queries forwarded by a gateway.
+        self.conntrack = conntrack
+        if any_remote is None:
+            any_remote = getattr(backend, "find_any_remote", None)
+        self.any_remote = any_remote or ProcfsBackend().find_any_remote
         self.names = UserNames(user_name)
         self.accounts = accounts or Accounts(config)
         self.tokens = tokens
@@ -253,11 +289,20 @@ class Responder:
                 )
                 line = format_reply(query.server_port, query.client_port, reply)
                 return Answer(line, reply, "reply.reply_all", trace=("[reply] reply_all is set",))
+            nat = config.nat
+            from_gateway = any(conn.remote.address in net for net in nat.gateways)
+            steps: list[str] = []
             try:
                 started = time.perf_counter()
                 found = self.backend.find(conn)
+                if found is None and from_gateway:
+                    found, conn = self._from_gateway(conn, steps)
                 if self.on_lookup is not None:
                     self.on_lookup(time.perf_counter() - started)
+                if found is None and nat.enabled and self.conntrack is not None:
+                    translated = self._translated(query, conn, from_gateway, steps)
+                    if translated is not None:
+                        return translated
             except LookupFailed as err:
                 if not reply_config.fallback:
                     raise
@@ -272,10 +317,12 @@ class Responder:
                 owner = policy.Owner(uid, self.names.name(uid, now))
             self.accounts.now = now
             decision = policy.decide(conn, found, owner, config, self.accounts, self.rng, explain)
+            if steps and explain:
+                decision = replace(decision, trace=(*steps, *decision.trace))
             if decision.reply is None:
                 assert owner is not None
                 if decision.action == "forward" and decision.forward is not None:
-                    plan = Forward(decision.forward, decision, conn, owner)
+                    plan = Forward(decision.forward, query, decision, conn, owner)
                     return Answer(None, None, decision.rule, found, owner, plan, decision.trace)
                 reply = self._token(decision, owner, conn)
             else:
@@ -283,6 +330,9 @@ class Responder:
             reply = policy.mask(reply, reply_config)
             line = format_reply(query.server_port, query.client_port, reply)
             return Answer(line, reply, decision.rule, found, owner, trace=decision.trace)
+        except Ambiguous as err:
+            log.warning("cannot answer about %s: %s", _describe(conn), err)
+            rule = f"nat: {err}"
         except LookupFailed as err:
             log.error("lookup of %s failed: %s", _describe(conn), err)
             rule = "lookup-failed"
@@ -296,6 +346,87 @@ class Responder:
         return Answer(
             format_reply(query.server_port, query.client_port, reply), reply, rule, found, owner
         )
+
+    def _from_gateway(
+        self, conn: ConnectionId, steps: list[str]
+    ) -> tuple[Found | None, ConnectionId]:
+        """A query from a gateway in [nat] gateways that names no local connection: the
+        gateway asks about a connection whose remote end is its outer peer, so look for
+        the local end and the remote port with any remote address. Returns the socket
+        found and the connection with its real remote end."""
+        candidates = self.any_remote(conn.local, conn.remote.port)
+        if not candidates:
+            steps.append(
+                f"asked by gateway {conn.remote.address}: no connection of "
+                f"{conn.local} to port {conn.remote.port} at any address"
+            )
+            return None, conn
+        owners = {found.entry.uid for found in candidates if found.entry.owned}
+        if len(owners) > 1:
+            raise Ambiguous(
+                f"gateway {conn.remote.address} asks about {conn.local} and port "
+                f"{conn.remote.port}: connections to {len(candidates)} addresses, of "
+                f"{len(owners)} owners"
+            )
+        found = candidates[0]
+        # An IPv4 connection of a dual-stack socket is listed with ::ffff:a.b.c.d.
+        peer = normalize_address(found.entry.remote.address)
+        real = ConnectionId(conn.local, Endpoint(peer, conn.remote.port))
+        steps.append(
+            f"asked by gateway {conn.remote.address}: the connection is "
+            f"{real.local} <-> {real.remote}"
+        )
+        return found, real
+
+    def _translated(
+        self, query: Query, conn: ConnectionId, from_gateway: bool, steps: list[str]
+    ) -> Answer | None:
+        """The answer for a connection this host translates for an inner host ([nat]), or
+        None when the connection-tracking table has no such connection."""
+        assert self.conntrack is not None
+        config = self._config
+        nat = config.nat
+        remote = None if from_gateway else conn.remote.address
+        inners = self.conntrack.find(conn.local, conn.remote.port, remote)
+        if not inners:
+            steps.append("no translated connection in the connection-tracking table")
+            return None
+        if len(inners) > 1:
+            raise Ambiguous(
+                f"gateway {conn.remote.address} asks about {conn.local} and port "
+                f"{conn.remote.port}: {len(inners)} translated connections match"
+            )
+        inner = inners[0]
+        steps.append(f"translated: inner host's connection {inner.local} <-> {inner.remote}")
+        mapped = policy.nat_map(inner.local.address, config, self.rng)
+        if mapped is not None:
+            steps.append(f"{mapped.rule}: matches {inner.local.address}; {mapped.action}")
+        else:
+            steps.append(f"no [[nat.map]] entry for {inner.local.address}")
+        if nat.forward and (nat.order == "forward" or mapped is None):
+            target = Endpoint(inner.local.address, nat.port)
+            if mapped is not None:
+                assert mapped.reply is not None
+                fallback, fallback_rule = mapped.reply, mapped.rule
+            else:
+                fallback, fallback_rule = policy.UNKNOWN_ERROR, "no map entry"
+            steps.append(
+                f"ask {target} about {inner.local.port},{inner.remote.port}; "
+                f"if it cannot answer: {fallback_rule}"
+            )
+            decision = policy.Decision(None, "nat", "forward", trace=tuple(steps))
+            plan = NatPlan(inner, fallback, fallback_rule, from_gateway)
+            ask = Query(inner.local.port, inner.remote.port)
+            forward = Forward(target, ask, decision, conn, None, plan)
+            return Answer(None, None, "nat", forward=forward, trace=tuple(steps))
+        if mapped is not None:
+            assert mapped.reply is not None
+            reply, rule = mapped.reply, f"nat {mapped.rule}"
+        else:
+            reply, rule = policy.UNKNOWN_ERROR, "nat: no map entry, forward off"
+        reply = policy.mask(reply, config.reply)
+        line = format_reply(query.server_port, query.client_port, reply)
+        return Answer(line, reply, rule, trace=tuple(steps))
 
     def _token(self, decision: policy.Decision, owner: policy.Owner, conn: ConnectionId) -> Reply:
         if self.tokens is None:
@@ -312,18 +443,59 @@ class Responder:
         assert plan is not None
         rule = answer.rule
         try:
-            reply, note = forwarded_reply(
-                query, plan, line, failure, self.accounts, self._config.reply
-            )
+            if plan.nat is not None:
+                reply, note = translated_reply(plan, line, failure)
+            else:
+                reply, note = forwarded_reply(
+                    query, plan, line, failure, self.accounts, self._config.reply
+                )
             reply = policy.mask(reply, self._config.reply)
             out = format_reply(query.server_port, query.client_port, reply)
         except Exception:
             log.exception("unexpected error finishing a forward to %s", plan.target)
             reply, note = policy.UNKNOWN_ERROR, "internal-error"
             out = format_reply(query.server_port, query.client_port, reply)
-        return Answer(
-            out, reply, f"{rule} forward {plan.target}: {note}", answer.found, answer.owner
-        )
+        if plan.nat is not None:
+            rule = f"nat forward {plan.target} {plan.ask.server_port},{plan.ask.client_port}"
+        else:
+            rule = f"{rule} forward {plan.target}"
+        return Answer(out, reply, f"{rule}: {note}", answer.found, answer.owner)
+
+
+def translated_reply(plan: Forward, line: bytes | None, failure: str) -> tuple[Reply, str]:
+    """What to send for an inner host's answer (NAT), and a note for the log.
+
+    The answer must be about the inner port pair that was asked; a USERID's id and
+    OS token pass the reply validators again. The inner host's own errors are its
+    policy and are passed on; no answer, or one not understood, gives the fallback
+    (the [[nat.map]] entry, else UNKNOWN-ERROR).
+    """
+    nat = plan.nat
+    assert nat is not None
+    note = failure
+    if line is not None and not failure:
+        try:
+            parsed = parse_reply(line)
+        except ValueError as err:
+            note = f"answer not understood: {err}"
+        else:
+            asked = (plan.ask.server_port, plan.ask.client_port)
+            if (parsed.server_port, parsed.client_port) != asked:
+                note = "answer about another port pair"
+            elif isinstance(parsed.reply, str):
+                note = f"answer with an unknown error {parsed.reply[:40]!r}"
+            else:
+                try:
+                    format_reply(1, 1, parsed.reply)
+                except ReplyError as err:
+                    note = f"answer refused: {err}"
+                else:
+                    return parsed.reply, "answered"
+    return nat.fallback, f"{note or 'failed'}; {nat.fallback_rule}"
+
+
+class Ambiguous(Exception):
+    """A query that fits more than one connection (one asked by a NAT gateway)."""
 
 
 def forwarded_reply(
@@ -345,6 +517,7 @@ def forwarded_reply(
     """
     decision = plan.decision
     may = decision.capabilities
+    assert plan.owner is not None
     charset = config.charset or None
     reply: Reply | None = None
     note = failure

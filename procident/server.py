@@ -204,6 +204,8 @@ class Server:
         self.overflow = 0  # sessions over a connection cap, only to be refused (see Session)
         # Sessions waiting for a forward, in order of its deadline (one timeout for all).
         self.forwards: OrderedDict[Session, float] = OrderedDict()
+        # Inner connections (NAT) being asked about -> how many forwards ask: the loop guard.
+        self.nat_asking: dict[tuple[Endpoint, Endpoint], int] = {}
         # Replies kept back by [reply] min_response_time: (due, order, session).
         self.held: list[tuple[float, int, Session]] = []
         self.held_count = 0
@@ -686,11 +688,22 @@ class Server:
 
     def _forward(self, session: Session, query: Query, answer: Answer) -> None:
         assert answer.forward is not None
+        nat = answer.forward.nat
+        # The loop guard: gateways that forward to each other in a circle would pass one
+        # query around until every timeout ran out. A query forwarded by a gateway about
+        # an inner connection this daemon is already asking about is such a circle (or a
+        # repeat), and is not forwarded again.
+        if nat is not None and nat.from_gateway and nat.key in self.nat_asking:
+            failure = f"loop guard: already asking about {nat.inner.local}"
+            self._finish_forward(session, query, answer, None, failure)
+            return
         try:
-            client = ForwardClient(answer.forward.target, query)
+            client = ForwardClient(answer.forward.target, answer.forward.ask)
         except ForwardFailed as err:
             self._finish_forward(session, query, answer, None, str(err))
             return
+        if nat is not None:
+            self.nat_asking[nat.key] = self.nat_asking.get(nat.key, 0) + 1
         session.forwarding = (client, query, answer)
         self.forwards[session] = self.clock() + self.config.forward.timeout
         self.selector.register(
@@ -733,9 +746,14 @@ class Server:
     def _drop_forward(self, session: Session) -> None:
         if session.forwarding is None:
             return
-        client = session.forwarding[0]
+        client, _, answer = session.forwarding
         session.forwarding = None
         del self.forwards[session]
+        nat = answer.forward.nat if answer.forward is not None else None
+        if nat is not None:
+            count = self.nat_asking.pop(nat.key) - 1
+            if count:
+                self.nat_asking[nat.key] = count
         self.selector.unregister(client.sock)
         client.close()
 

@@ -203,6 +203,40 @@ def test_values_are_read(tmp_path: Path) -> None:
         ({"log": {"target": "file"}}, "log.target: must be one of 'stderr', 'syslog'"),
         ({"log": {"syslog_socket": "dev/log"}}, "log.syslog_socket: must be an absolute path"),
         ({"log": {"syslog_facility": "kernel"}}, "log.syslog_facility: must be one of"),
+        ({"nat": {"enabled": "yes"}}, "nat.enabled: must be true or false"),
+        ({"nat": {"order": "first"}}, "nat.order: must be one of 'forward', 'map'"),
+        ({"nat": {"port": 0}}, "nat.port: must be a whole number from 1 to 65535"),
+        ({"nat": {"gateways": ["10.0.0.1/8"]}}, "nat.gateways[0]: '10.0.0.1/8' has host bits"),
+        ({"nat": {"map": {"hosts": []}}}, "nat.map: must be an array of tables [[nat.map]]"),
+        ({"nat": {"map": [{"reply": "x"}]}}, "nat.map[0]: needs hosts, a list such as"),
+        ({"nat": {"map": [{"hosts": ["10.0.0.0/8"]}]}}, 'nat.map[0]: action = "reply" needs'),
+        (
+            {"nat": {"map": [{"hosts": ["10.0.0.0/8"], "reply": "a:b\n"}]}},
+            "nat.map[0].reply[0]: 'a:b\\n' cannot be sent: the user id contains LF",
+        ),
+        (
+            {"nat": {"map": [{"hosts": ["10.0.0.0/8"], "action": "hide", "os": "UNIX"}]}},
+            'nat.map[0]: reply, os and charset are used only with action = "reply"',
+        ),
+        (
+            {"nat": {"map": [{"hosts": ["10.0.0.0/8"], "action": "real"}]}},
+            "nat.map[0].action: must be one of 'reply', 'hide', 'no-user', 'deny'",
+        ),
+        (
+            {"nat": {"map": [{"hosts": ["::/0"], "reply": "x", "host": []}]}},
+            "nat.map[0].host: unknown key; did you mean 'hosts'?",
+        ),
+        (
+            {
+                "nat": {
+                    "map": [
+                        {"name": "a", "hosts": ["::/0"], "reply": "x"},
+                        {"name": "a", "hosts": ["::/0"], "reply": "y"},
+                    ]
+                }
+            },
+            "nat.map[1].name: 'a' names an earlier entry too",
+        ),
     ],
 )
 def test_errors_name_key_and_reason(data: dict, message: str) -> None:
@@ -210,6 +244,40 @@ def test_errors_name_key_and_reason(data: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(data, "f.toml")
     assert str(info.value).startswith(f"f.toml: {message}")
+
+
+def test_nat_is_read() -> None:
+    """[nat] and its [[nat.map]] entries reach the dataclasses, named by index."""
+    from procident.config import NatMapEntry
+
+    config = parse_config(
+        {
+            "nat": {
+                "enabled": True,
+                "order": "map",
+                "port": 1113,
+                "gateways": ["192.0.2.1", "fd00::1"],
+                "map": [
+                    {"hosts": ["10.0.0.0/8"], "reply": ["a", "b"], "os": "UNIX"},
+                    {"name": "rest", "hosts": ["::/0", "0.0.0.0/0"], "action": "hide"},
+                ],
+            }
+        }
+    )
+    nat = config.nat
+    assert (nat.enabled, nat.order, nat.forward, nat.port) == (True, "map", True, 1113)
+    assert nat.gateways == (
+        ipaddress.ip_network("192.0.2.1/32"),
+        ipaddress.ip_network("fd00::1/128"),
+    )
+    assert nat.map == (
+        NatMapEntry(
+            "nat.map[0]", (ipaddress.ip_network("10.0.0.0/8"),), "reply", ("a", "b"), "UNIX"
+        ),
+        NatMapEntry(
+            "rest", (ipaddress.ip_network("::/0"), ipaddress.ip_network("0.0.0.0/0")), "hide"
+        ),
+    )
 
 
 def test_rules_are_read() -> None:

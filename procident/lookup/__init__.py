@@ -11,6 +11,7 @@ import enum
 import ipaddress
 import logging
 import socket
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -119,6 +120,16 @@ def normalize_address(address: IPAddress) -> IPAddress:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def lines_with(text: str, needle: str) -> Iterator[str]:
+    """The lines of `text` that contain `needle`, found by str.find (no split of the text)."""
+    at = text.find(needle)
+    while at >= 0:
+        end = text.find("\n", at)
+        end = len(text) if end < 0 else end
+        yield text[text.rfind("\n", 0, at) + 1 : end]
+        at = text.find(needle, end)
 
 
 def endpoint_from_sockaddr(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint:

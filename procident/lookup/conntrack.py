@@ -1,4 +1,5 @@
-"""NAT: the kernel's connection-tracking table, /proc/net/nf_conntrack. Pure parsing.
+"""NAT: the kernel's connection-tracking table, /proc/net/nf_conntrack: parsing (pure) and
+a reader.
 
 Each line is one tracked connection: the layer 3 and 4 protocols, the timeout, for
 TCP its state, then the tuple of the original direction and the tuple of the reply
@@ -17,10 +18,18 @@ query to the gateway names the reply tuple.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from procident.lookup import ConnectionId, Endpoint, IPAddress, normalize_address
+from procident.lookup import (
+    ConnectionId,
+    Endpoint,
+    IPAddress,
+    LookupFailed,
+    lines_with,
+    normalize_address,
+)
 
 TCP = 6
 _TUPLE_KEYS = ("src", "dst", "sport", "dport")
@@ -102,18 +111,107 @@ def parse_table(text: str) -> Iterator[Tracked]:
             yield tracked
 
 
-def find_inner(text: str, query: ConnectionId) -> ConnectionId | None:
-    """The inner connection behind a query to the gateway, or None.
+def _spell(address: IPAddress) -> str:
+    """An address as the kernel prints it in nf_conntrack: IPv6 uncompressed (%pI6)."""
+    return address.exploded if address.version == 6 else str(address)
 
-    `query` is the connection the gateway was asked about: local = the gateway's
-    address and the server port, remote = the querier and the client port. It is the
-    reply tuple of a translated connection seen from the gateway (the reply's source is
-    the querier, its destination the gateway). The result is the original tuple as the
-    inner host sees it: local = the inner host and its port, remote = the querier.
+
+def find_translated(
+    chunks: Iterable[str], local: Endpoint, remote_port: int, remote: IPAddress | None
+) -> list[ConnectionId]:
+    """The inner connections behind a query to the gateway, from the table's text given
+    in pieces (read as it streams: only the lines that can match are parsed).
+
+    The query names the gateway's end `local` (its address and the server port) and the
+    querier's port `remote_port`, and the querier's address `remote`; None when any
+    address will do (a query forwarded by the next gateway out, which names only ports).
+    A match is the reply tuple of a translated connection seen from the gateway: its
+    source is the querier, its destination the gateway. Each result is the original
+    tuple as the inner host sees it: local = the inner host and its port, remote = the
+    querier. Connections the gateway made itself (not translated) are left out.
     """
-    for tracked in parse_table(text):
-        if tracked.reply.src == query.remote and tracked.reply.dst == query.local:
-            if tracked.original.src == query.local:
-                return None  # not translated: the gateway's own connection
-            return ConnectionId(tracked.original.src, tracked.original.dst)
-    return None
+    dst = f"dst={_spell(local.address)} sport={remote_port} dport={local.port} "
+    needle = f"src={_spell(remote)} {dst}" if remote is not None else f" {dst}"
+    found: list[ConnectionId] = []
+    for line in lines_in(chunks, needle):
+        tracked = parse_line(line)
+        if tracked is None:
+            continue
+        reply = tracked.reply
+        if reply.dst != local or reply.src.port != remote_port:
+            continue  # the needle matched the original tuple, or a longer port
+        if remote is not None and reply.src.address != remote:
+            continue
+        if tracked.original.src == local:
+            continue  # not translated: the gateway's own connection
+        inner = ConnectionId(tracked.original.src, tracked.original.dst)
+        if inner not in found:
+            found.append(inner)
+    return found
+
+
+MAX_LINE = 4096  # a longer line is not the kernel's format
+
+
+def lines_in(chunks: Iterable[str], needle: str) -> Iterator[str]:
+    """The lines holding `needle`, in text that comes in pieces cut anywhere."""
+    carry = ""
+    for chunk in chunks:
+        text = carry + chunk
+        cut = text.rfind("\n") + 1
+        yield from lines_with(text[:cut], needle)
+        carry = text[cut:]
+        if len(carry) > MAX_LINE:
+            raise ValueError(f"a line longer than {MAX_LINE} characters")
+    if carry:
+        yield from lines_with(carry, needle)
+
+
+def find_inner(text: str, query: ConnectionId) -> ConnectionId | None:
+    """The inner connection behind a query to the gateway about `query` (local = the
+    gateway's address and the server port, remote = the querier and the client port),
+    or None; see find_translated."""
+    found = find_translated([text], query.local, query.remote.port, query.remote.address)
+    return found[0] if found else None
+
+
+PATH = "/proc/net/nf_conntrack"
+CHUNK = 1 << 18  # bytes read at a time: what one search holds of the table at most
+
+
+class ConntrackTable:
+    """The kernel's connection-tracking table, opened once (as root: the file is
+    readable by root only) and read afresh, from its start, for every search.
+
+    A seq_file in /proc produces its text again from the kernel's table after a seek to
+    the start; the permission check was made at open, so the daemon can drop root and
+    keep reading. Reading costs a walk of the whole table, which is why only queries
+    that find no local socket get here. ctnetlink could ask for one tuple, but the
+    kernel checks CAP_NET_ADMIN on every message, which a daemon that dropped root lacks.
+    """
+
+    def __init__(self, path: str = PATH) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # OSError for the caller
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _chunks(self) -> Iterator[str]:
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        while data := os.read(self.fd, CHUNK):
+            yield data.decode("ascii", "replace")
+
+    def find(
+        self, local: Endpoint, remote_port: int, remote: IPAddress | None
+    ) -> list[ConnectionId]:
+        """Inner connections behind a query (find_translated); LookupFailed when the table
+        cannot be read or understood."""
+        try:
+            return find_translated(self._chunks(), local, remote_port, remote)
+        except OSError as err:
+            raise LookupFailed(f"cannot read {self.path}: {err.strerror}") from err
+        except ValueError as err:
+            raise LookupFailed(f"cannot parse {self.path}: {err}") from err

@@ -19,6 +19,7 @@ from procident.lookup import (
     LookupFailed,
     SocketEntry,
     TcpState,
+    lines_with,
 )
 
 TCP4_PATH = "/proc/net/tcp"
@@ -92,16 +93,6 @@ def _hex(address: IPAddress, port: int, byteorder: str) -> str:
     return f"{words}:{port:04X}"
 
 
-def _lines_with(text: str, needle: str) -> Iterator[str]:
-    """The lines of `text` that contain `needle`."""
-    at = text.find(needle)
-    while at >= 0:
-        end = text.find("\n", at)
-        end = len(text) if end < 0 else end
-        yield text[text.rfind("\n", 0, at) + 1 : end]
-        at = text.find(needle, end)
-
-
 def _check_header(text: str, source: str) -> None:
     # The search below never looks at lines that do not match, so a kernel that
     # printed its rows differently would turn every answer into NO-USER; a
@@ -158,7 +149,7 @@ class Table:
         if self._rows is not None:
             return self._rows.get(f"{local} {remote}", [])
         # Anchored on the "sl:" colon, the needle can only match the local field.
-        return list(_lines_with(self.text, f": {local} {remote} "))
+        return list(lines_with(self.text, f": {local} {remote} "))
 
     def listening(self, local: str, nowhere: str) -> bool:
         """Whether a listener is bound to `local` (its remote end being `nowhere`)."""
@@ -215,6 +206,48 @@ def find_in_tables(
     return Found(match, inbound=listening)
 
 
+def find_any_remote(
+    local: Endpoint,
+    remote_port: int,
+    tcp4: str | Table,
+    tcp6: str | Table,
+    byteorder: str = sys.byteorder,
+) -> list[Found]:
+    """Every connection of `local` to port `remote_port` at any address (listeners left
+    out), for a query forwarded by a NAT gateway: the gateway asks from its own address
+    about a connection whose remote end is the gateway's outer peer, which it cannot
+    name in an RFC 1413 query. Entries with a process holding them come first.
+    """
+    if isinstance(tcp4, str):
+        tcp4 = Table(tcp4, TCP4_PATH)
+    if isinstance(tcp6, str):
+        tcp6 = Table(tcp6, TCP6_PATH)
+    address, port = local.address, local.port
+    tables: list[tuple[Table, IPAddress, tuple[IPAddress, ...], IPAddress]]
+    if address.version == 4:
+        tables = [
+            (tcp4, address, (address, _IPV4_ANY), _IPV4_ANY),
+            (tcp6, _mapped(address), (_mapped(address), _IPV6_ANY, _mapped(_IPV4_ANY)), _IPV6_ANY),
+        ]
+    else:
+        tables = [(tcp6, address, (address, _IPV6_ANY), _IPV6_ANY)]
+    entries: list[SocketEntry] = []
+    for table, here, _, _ in tables:
+        for line in lines_with(table.text, f": {_hex(here, port, byteorder)} "):
+            entry = parse_line(line, table.source, byteorder)
+            if entry.remote.port == remote_port and entry.state != TcpState.LISTEN:
+                entries.append(entry)
+    if not entries:
+        return []
+    listening = any(
+        table.listening(_hex(listen, port, byteorder), _hex(nowhere, 0, byteorder))
+        for table, _, listen_on, nowhere in tables
+        for listen in listen_on
+    )
+    entries.sort(key=lambda entry: not entry.owned)
+    return [Found(entry, inbound=listening) for entry in entries]
+
+
 class ProcfsBackend:
     """Look connections up by reading /proc/net/tcp and /proc/net/tcp6."""
 
@@ -244,6 +277,16 @@ class ProcfsBackend:
             tcp4 = self._table(self.tcp4_path, required=True) if ipv4 else Table("", TCP4_PATH)
             tcp6 = self._table(self.tcp6_path, required=not ipv4)
             return find_in_tables(conn, tcp4, tcp6)
+        except ValueError as err:
+            raise LookupFailed(f"cannot parse the kernel's socket table: {err}") from err
+
+    def find_any_remote(self, local: Endpoint, remote_port: int) -> list[Found]:
+        """Connections of `local` to `remote_port` at any address (see find_any_remote)."""
+        ipv4 = local.address.version == 4
+        try:
+            tcp4 = self._table(self.tcp4_path, required=True) if ipv4 else Table("", TCP4_PATH)
+            tcp6 = self._table(self.tcp6_path, required=not ipv4)
+            return find_any_remote(local, remote_port, tcp4, tcp6)
         except ValueError as err:
             raise LookupFailed(f"cannot parse the kernel's socket table: {err}") from err
 
