@@ -13,7 +13,7 @@ import os
 import pwd
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
@@ -271,7 +271,9 @@ class Responder:
 
     def batch(self) -> AbstractContextManager[None]:
         """A block whose lookups may share one read of the kernel's tables (a loop turn)."""
-        return self.backend.batch()
+        if self.conntrack is None or not self._config.nat.enabled:
+            return self.backend.batch()
+        return _both(self.backend.batch(), self.conntrack.batch())
 
     def respond(
         self, query: Query, conn: ConnectionId, now: float, explain: bool = False
@@ -492,6 +494,14 @@ def translated_reply(plan: Forward, line: bytes | None, failure: str) -> tuple[R
                 else:
                     return parsed.reply, "answered"
     return nat.fallback, f"{note or 'failed'}; {nat.fallback_rule}"
+
+
+@contextlib.contextmanager
+def _both(
+    first: AbstractContextManager[None], second: AbstractContextManager[None]
+) -> Iterator[None]:
+    with first, second:
+        yield
 
 
 class Ambiguous(Exception):

@@ -327,18 +327,35 @@ def test_inner_errors_are_passed_on(net: Lab) -> None:
     assert net.ask_gateway(conn) == error_reply(conn, "HIDDEN-USER")
 
 
-def test_chain_of_two_gateways(workdir: Path) -> None:
+@pytest.mark.parametrize("version", [4, 6])
+def test_chain_of_two_gateways(workdir: Path, version: int) -> None:
     """outer -- gw1 -- gw2 -- inner: gw1 asks gw2 (which trusts gw1), gw2 finds the
-    connection in its own conntrack table and asks the inner host (which trusts gw2)."""
+    connection in its own conntrack table and asks the inner host (which trusts gw2);
+    the answer comes back out with each hop's port pair."""
     with lab(workdir, gateways=2) as net:
         gw1, gw2 = net.chain.gateways
         first = net.start(gw1, gateway_config(net))
-        second = net.start(gw2, gateway_config(net) + f'gateways = ["{gw1.down[4]}"]\n')
-        net.start(net.chain.inner, inner_config(net))
-        conn = net.connect_out()
-        assert net.ask_gateway(conn) == user_reply(conn)
-        first.wait_log(rf"rule=nat forward {gw2.up[4]}:113 .*: answered")
-        second.wait_log(rf"answer client={gw1.down[4]} .*rule=nat forward {net.chain.inner.up[4]}")
+        trusted = f'gateways = ["{gw1.down[4]}", "{gw1.down[6]}"]\n'
+        second = net.start(gw2, gateway_config(net) + trusted)
+        inner = net.start(net.chain.inner, inner_config(net))
+        conn = net.connect_out(version)
+        assert net.ask_gateway(conn, version) == user_reply(conn)
+
+        def at(host: Host) -> str:
+            address = host.up[version]
+            return re.escape(f"[{address}]" if version == 6 else address)
+
+        first.wait_log(
+            rf"query={conn.outer_port},{SERVICE_PORT} .*rule=nat forward {at(gw2)}:113 .*: answered"
+        )
+        second.wait_log(
+            rf"answer client={re.escape(gw1.down[version])} .*rule=nat forward "
+            rf"{at(net.chain.inner)}:113 {conn.inner_port},{SERVICE_PORT}: answered"
+        )
+        inner.wait_log(
+            rf"answer client={re.escape(gw2.down[version])} query={conn.inner_port},"
+            rf"{SERVICE_PORT} owner={USER.pw_name}"
+        )
 
 
 def test_query_from_a_host_not_allowed(net: Lab) -> None:

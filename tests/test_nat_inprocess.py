@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from procident.lookup import (
     TcpState,
     normalize_address,
 )
-from procident.lookup.conntrack import find_translated
+from procident.lookup.conntrack import ConntrackTable, find_translated
 from procident.lookup.procfs import find_any_remote
 from procident.policy import HIDDEN_USER, UNKNOWN_ERROR
 from procident.protocol import Query, UserIdReply
@@ -107,16 +109,34 @@ def test_overlong_line_is_refused() -> None:
 # -- the responder ----------------------------------------------------------------------
 
 
-class Conntrack:
-    """A connection-tracking table: the fixture text, searched as the daemon searches it."""
+class Conntrack(ConntrackTable):
+    """The daemon's reader, on a file holding fixture text instead of the kernel's table;
+    it records each search."""
 
     def __init__(self, text: str = CONNTRACK) -> None:
-        self.text = text
+        with tempfile.NamedTemporaryFile("w", suffix=".nf_conntrack", delete=False) as file:
+            file.write(text)
+        super().__init__(file.name)
+        os.unlink(file.name)  # the open descriptor keeps it
         self.searches: list[tuple[Endpoint, int, IPAddress | None]] = []
 
     def find(self, local: Endpoint, remote_port: int, remote: IPAddress | None):
         self.searches.append((local, remote_port, remote))
-        return find_translated([self.text], local, remote_port, remote)
+        return super().find(local, remote_port, remote)
+
+
+def test_searches_in_a_batch_share_one_read() -> None:
+    """Queries of one loop turn cost one walk of the table; outside a batch, each search
+    reads afresh (from the start of the file, as the kernel's seq_file needs)."""
+    table = Conntrack()
+    translated = Endpoint(GATEWAY, 50123)
+    with table.batch():
+        for _ in range(3):
+            assert table.find(translated, 6667, PEER)
+        assert table.find(Endpoint(GATEWAY, 50999), 6667, PEER) == []
+    assert table.reads == 1
+    assert table.find(translated, 6667, PEER) == table.find(translated, 6667, None)
+    assert table.reads == 3
 
 
 def config(text: str) -> Config:
@@ -135,7 +155,7 @@ def responder(text: str, sockets=None) -> tuple[Responder, Conntrack]:
         config(text),
         {1000: "alice"}.get,
         rng=random.Random(1),
-        conntrack=table,  # type: ignore[arg-type]
+        conntrack=table,
         any_remote=sockets or (lambda local, port: []),
     )
     return made, table

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from procident.lookup import (
@@ -193,6 +194,19 @@ class ConntrackTable:
     def __init__(self, path: str = PATH) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # OSError for the caller
+        self._batch: list[str] | None = None  # inside a batch: its one read, once made
+        self.reads = 0  # reads of the whole table so far
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Searches in this block share one read of the table (held whole until the
+        block ends): queries that arrive together cost one walk of the kernel's table,
+        however many they are. Outside a batch each search streams a read of its own."""
+        self._batch = []
+        try:
+            yield
+        finally:
+            self._batch = None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -201,8 +215,16 @@ class ConntrackTable:
 
     def _chunks(self) -> Iterator[str]:
         os.lseek(self.fd, 0, os.SEEK_SET)
+        self.reads += 1
         while data := os.read(self.fd, CHUNK):
             yield data.decode("ascii", "replace")
+
+    def _text(self) -> Iterable[str]:
+        if self._batch is None:
+            return self._chunks()
+        if not self._batch:
+            self._batch.append("".join(self._chunks()))
+        return self._batch
 
     def find(
         self, local: Endpoint, remote_port: int, remote: IPAddress | None
@@ -210,7 +232,7 @@ class ConntrackTable:
         """Inner connections behind a query (find_translated); LookupFailed when the table
         cannot be read or understood."""
         try:
-            return find_translated(self._chunks(), local, remote_port, remote)
+            return find_translated(self._text(), local, remote_port, remote)
         except OSError as err:
             raise LookupFailed(f"cannot read {self.path}: {err.strerror}") from err
         except ValueError as err:
