@@ -562,20 +562,34 @@ CONCEALING = ("hide", "no-user", "deny")
 MAX_REPLIES = 255
 
 
-def _parse_rule(table: object, path: str) -> Rule:
+def _checked_table(
+    table: object, checkers: dict[str, Callable[[Any], Any]], path: str, what: str
+) -> dict[str, Any]:
+    """Each key of an array's table passed through its checker; a ValueError names the
+    key path (`path` is the table's, such as rules[2]) and the reason."""
     if not isinstance(table, dict):
-        raise ConfigError(f"{path}: must be a table [[rules]]")
+        raise ValueError(f"{path}: must be a table {what}")
     values: dict[str, Any] = {}
     for key, value in table.items():
-        if key not in _RULE_KEYS:
-            raise ConfigError(_unknown(key, list(_RULE_KEYS), f"{path}.{key}"))
+        if key not in checkers:
+            raise ValueError(_unknown(key, list(checkers), f"{path}.{key}"))
         try:
-            checked = _RULE_KEYS[key](value)
+            values[key] = checkers[key](value)
         except ValueError as err:
             reason = str(err)
             sep = "" if reason.startswith("[") else ": "
-            raise ConfigError(f"{path}.{key}{sep}{reason}") from None
-        values[key] = frozenset(checked) if key in _SETS else checked
+            raise ValueError(f"{path}.{key}{sep}{reason}") from None
+    return values
+
+
+def _parse_rule(table: object, path: str) -> Rule:
+    try:
+        values = _checked_table(table, _RULE_KEYS, path, "[[rules]]")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for key in _SETS:
+        if key in values:
+            values[key] = frozenset(values[key])
     action = values.get("action")
     if action is None:
         raise ConfigError(f"{path}: has no action (one of {', '.join(ACTIONS)})")
@@ -613,19 +627,7 @@ def _nat_map(value: object) -> tuple[NatMapEntry, ...]:
     entries: list[NatMapEntry] = []
     for index, table in enumerate(value):
         where = f"[{index}]"
-        if not isinstance(table, dict):
-            raise ValueError(f"{where}: must be a table [[nat.map]]")
-        values: dict[str, Any] = {}
-        for key, item in table.items():
-            if key not in _NAT_MAP_KEYS:
-                raise ValueError(_unknown(key, list(_NAT_MAP_KEYS), f"{where}.{key}"))
-            try:
-                values[key] = _NAT_MAP_KEYS[key](item)
-            except ValueError as err:
-                reason = str(err)
-                raise ValueError(
-                    f"{where}.{key}{'' if reason.startswith('[') else ': '}{reason}"
-                ) from None
+        values = _checked_table(table, _NAT_MAP_KEYS, where, "[[nat.map]]")
         if not values.get("hosts"):
             raise ValueError(f'{where}: needs hosts, a list such as ["192.168.1.0/24"]')
         action = values.setdefault("action", "reply")

@@ -302,9 +302,15 @@ class Responder:
                 if self.on_lookup is not None:
                     self.on_lookup(time.perf_counter() - started)
                 if found is None and nat.enabled and self.conntrack is not None:
-                    translated = self._translated(query, conn, from_gateway, steps)
-                    if translated is not None:
-                        return translated
+                    inner = self._inner(conn, from_gateway, steps)
+                    if inner is not None:
+                        # Translated, but from one of this host's own addresses (a
+                        # process bound to the inner one): this host's socket.
+                        found = self.backend.find(inner)
+                        if found is None:
+                            return self._translated(query, conn, inner, from_gateway, steps)
+                        steps.append("the inner end is a socket of this host")
+                        conn = inner
             except LookupFailed as err:
                 if not reply_config.fallback:
                     raise
@@ -380,14 +386,12 @@ class Responder:
         )
         return found, real
 
-    def _translated(
-        self, query: Query, conn: ConnectionId, from_gateway: bool, steps: list[str]
-    ) -> Answer | None:
-        """The answer for a connection this host translates for an inner host ([nat]), or
-        None when the connection-tracking table has no such connection."""
+    def _inner(
+        self, conn: ConnectionId, from_gateway: bool, steps: list[str]
+    ) -> ConnectionId | None:
+        """The inner connection behind `conn` if this host translates it ([nat]): its
+        original tuple in the connection-tracking table."""
         assert self.conntrack is not None
-        config = self._config
-        nat = config.nat
         remote = None if from_gateway else conn.remote.address
         inners = self.conntrack.find(conn.local, conn.remote.port, remote)
         if not inners:
@@ -395,11 +399,25 @@ class Responder:
             return None
         if len(inners) > 1:
             raise Ambiguous(
-                f"gateway {conn.remote.address} asks about {conn.local} and port "
-                f"{conn.remote.port}: {len(inners)} translated connections match"
+                f"{len(inners)} translated connections fit {conn.local} and the remote "
+                f"port {conn.remote.port}"
             )
         inner = inners[0]
         steps.append(f"translated: inner host's connection {inner.local} <-> {inner.remote}")
+        return inner
+
+    def _translated(
+        self,
+        query: Query,
+        conn: ConnectionId,
+        inner: ConnectionId,
+        from_gateway: bool,
+        steps: list[str],
+    ) -> Answer:
+        """The answer for `conn`, which this host translates for the inner host's
+        connection `inner`: from the inner host's ident daemon or the map ([nat])."""
+        config = self._config
+        nat = config.nat
         mapped = policy.nat_map(inner.local.address, config, self.rng)
         if mapped is not None:
             steps.append(f"{mapped.rule}: matches {inner.local.address}; {mapped.action}")
@@ -474,26 +492,33 @@ def translated_reply(plan: Forward, line: bytes | None, failure: str) -> tuple[R
     """
     nat = plan.nat
     assert nat is not None
-    note = failure
-    if line is not None and not failure:
+    answered, note = read_answer(line, failure, plan.ask)
+    if answered is not None:
         try:
-            parsed = parse_reply(line)
-        except ValueError as err:
-            note = f"answer not understood: {err}"
+            format_reply(1, 1, answered)
+        except ReplyError as err:
+            note = f"answer refused: {err}"
         else:
-            asked = (plan.ask.server_port, plan.ask.client_port)
-            if (parsed.server_port, parsed.client_port) != asked:
-                note = "answer about another port pair"
-            elif isinstance(parsed.reply, str):
-                note = f"answer with an unknown error {parsed.reply[:40]!r}"
-            else:
-                try:
-                    format_reply(1, 1, parsed.reply)
-                except ReplyError as err:
-                    note = f"answer refused: {err}"
-                else:
-                    return parsed.reply, "answered"
-    return nat.fallback, f"{note or 'failed'}; {nat.fallback_rule}"
+            return answered, note
+    return nat.fallback, f"{note}; {nat.fallback_rule}"
+
+
+def read_answer(line: bytes | None, failure: str, asked: Query) -> tuple[Reply | None, str]:
+    """Another ident server's answer (end of line removed) to the query `asked`: the reply
+    it carries and "answered", or None and why not. It is read like any reply
+    (protocol.parse_reply) and must be about the port pair asked; an error outside the
+    RFC's four is no answer."""
+    if line is None or failure:
+        return None, failure or "failed"
+    try:
+        parsed = parse_reply(line)
+    except ValueError as err:
+        return None, f"answer not understood: {err}"
+    if (parsed.server_port, parsed.client_port) != (asked.server_port, asked.client_port):
+        return None, "answer about another port pair"
+    if isinstance(parsed.reply, str):
+        return None, f"answer with an unknown error {parsed.reply[:40]!r}"
+    return parsed.reply, "answered"
 
 
 @contextlib.contextmanager
@@ -530,34 +555,24 @@ def forwarded_reply(
     assert plan.owner is not None
     charset = config.charset or None
     reply: Reply | None = None
-    note = failure
-    if line is not None and not failure:
+    answered, note = read_answer(line, failure, plan.ask)
+    if isinstance(answered, ErrorReply):
+        reply = answered
+    elif answered is not None:
+        user_id = answered.user_id
+        refusal = ""
+        if may is not None:
+            refusal = policy.check_spoof(user_id, plan.owner, plan.conn, may, facts)
         try:
-            parsed = parse_reply(line)
-        except ValueError as err:
-            note = f"answer not understood: {err}"
+            format_reply(1, 1, UserIdReply(user_id, decision.os))
+        except ReplyError as err:
+            refusal = str(err)
+        if refusal:
+            note = f"answer {user_id[:40]!r} refused: {refusal}"
         else:
-            if (parsed.server_port, parsed.client_port) != (query.server_port, query.client_port):
-                note = "answer about another port pair"
-            elif isinstance(parsed.reply, str):
-                note = f"answer with an unknown error {parsed.reply[:40]!r}"
-            elif isinstance(parsed.reply, ErrorReply):
-                reply, note = parsed.reply, "answered"
-            else:
-                user_id = parsed.reply.user_id
-                refusal = ""
-                if may is not None:
-                    refusal = policy.check_spoof(user_id, plan.owner, plan.conn, may, facts)
-                try:
-                    format_reply(1, 1, UserIdReply(user_id, decision.os))
-                except ReplyError as err:
-                    refusal = str(err)
-                if refusal:
-                    note = f"answer {user_id[:40]!r} refused: {refusal}"
-                else:
-                    # The owner's login name goes as UNIX (or [reply] os); any other id as OTHER.
-                    opsys = config.os if user_id == plan.owner.name else decision.os
-                    reply, note = UserIdReply(user_id, opsys, charset), "answered"
+            # The owner's login name goes as UNIX (or [reply] os); any other id as OTHER.
+            opsys = config.os if user_id == plan.owner.name else decision.os
+            reply = UserIdReply(user_id, opsys, charset)
     if reply is None:
         if may is None:
             reply = policy.UNKNOWN_ERROR
@@ -565,7 +580,7 @@ def forwarded_reply(
             reply = policy.HIDDEN_USER
         else:
             reply = UserIdReply(plan.owner.name, config.os, charset)
-    return reply, note or "failed"
+    return reply, note
 
 
 def _describe(conn: ConnectionId) -> str:

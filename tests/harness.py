@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from netns import setns
+
 STARTUP_TIMEOUT = 15.0
 IO_TIMEOUT = 5.0
 SERVING = re.compile(r"serving on ([^\"\n]*)", re.M)  # text or JSON log lines
@@ -154,10 +156,13 @@ def owned_connection(
     source: str,
     family: int = socket.AF_INET,
     close_first: bool = False,
+    netns: str = "",
 ) -> Iterator[OwnedConnection]:
     """Connect from `source` to `service` in a child that is `uid`; the parent accepts.
 
     close_first: the child closes its end at once, leaving the kernel's orphan.
+    netns: the child connects from this network namespace (a path under /run/netns);
+    the listener is made in the caller's.
     """
     host = service[0]
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -173,6 +178,8 @@ def owned_connection(
         try:
             os.close(port_r)
             os.close(hold_w)
+            if netns:
+                setns(netns)
             os.setgroups([])
             os.setgid(65534)
             os.setuid(uid)

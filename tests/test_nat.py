@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import requires_root
-from harness import IO_TIMEOUT, Daemon, read_line
+from harness import IO_TIMEOUT, Daemon, owned_connection, read_line
 from netns import Chain, Host, inside, missing_tools, setns
 
 SERVICE_PORT = 6667
@@ -76,58 +76,23 @@ class Lab:
         self.daemons[host.name] = daemon
         return daemon
 
-    def service(self, version: int) -> socket.socket:
-        """The outer host's service on port 6667."""
-        with inside(self.chain.outer.name):
-            listener = socket.socket(family_of(version))
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self.chain.outer.down[version], SERVICE_PORT))
-            listener.listen(8)
-        listener.settimeout(IO_TIMEOUT)
-        self.stack.callback(listener.close)
-        return listener
-
-    def connect_out(self, version: int = 4, uid: int = USER.pw_uid) -> Connection:
-        """A connection from the inner host to the outer service, made by a child that is
-        `uid`; it stays open until the test ends."""
-        listener = self.service(version)
-        port_r, port_w = os.pipe()
-        hold_r, hold_w = os.pipe()
-        target = (self.chain.outer.down[version], SERVICE_PORT)
-        family = family_of(version)
-        pid = os.fork()
-        if pid == 0:  # child: into the inner namespace, become uid, connect, wait
-            status = 1
-            try:
-                os.close(port_r)
-                os.close(hold_w)
-                setns(f"/run/netns/{self.chain.inner.name}")
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(uid)
-                sock = socket.socket(family)
-                sock.connect(target)
-                os.write(port_w, b"%d" % sock.getsockname()[1])
-                os.read(hold_r, 1)  # until the parent closes hold_w
-                status = 0
-            finally:
-                os._exit(status)
-        os.close(port_w)
-        os.close(hold_r)
-
-        def finish() -> None:
-            os.close(hold_w)
-            os.waitpid(pid, 0)
-
-        self.stack.callback(finish)
-        try:
-            inner_port = int(os.read(port_r, 16) or b"0")
-        finally:
-            os.close(port_r)
-        assert inner_port, "the inner host could not connect out"
-        accepted, peer = listener.accept()
-        self.stack.callback(accepted.close)
-        return Connection(inner_port, peer[1], accepted)
+    def connect_out(
+        self, version: int = 4, uid: int = USER.pw_uid, host: Host | None = None, source: str = ""
+    ) -> Connection:
+        """A connection from the inner host (or `host`, from `source`) to the outer
+        service, made by a child that is `uid`; it stays open until the test ends."""
+        host = host or self.chain.inner
+        service = (self.chain.outer.down[version], SERVICE_PORT)
+        with inside(self.chain.outer.name):  # the service listens in the outer host
+            made = owned_connection(
+                uid,
+                service,
+                source or ("::" if version == 6 else "0.0.0.0"),
+                family_of(version),
+                netns=f"/run/netns/{host.name}",
+            )
+            conn = self.stack.enter_context(made)
+        return Connection(conn.local[1], conn.accepted.getpeername()[1], conn.accepted)
 
     def ask(
         self, from_host: Host, to: str, server_port: int, client_port: int, source: str = ""
@@ -380,6 +345,24 @@ def test_query_from_a_host_not_allowed(net: Lab) -> None:
     inner.wait_log("configuration reloaded")
     net.start(gw, gateway_config(net))
     assert net.ask_gateway(conn) == error_reply(conn, "NO-USER")
+
+
+def test_gateway_process_on_its_inner_address(net: Lab) -> None:
+    """A process on the gateway bound to its inner address is masqueraded like the hosts
+    behind it; its own socket is found by the inner tuple and answered by the gateway's
+    policy, not forwarded to itself."""
+    gateway = net.chain.gateways[0]
+    daemon = net.start(gateway, gateway_config(net))
+    conn = net.connect_out(host=gateway, source=gateway.down[4])
+    # The premise: the connection is translated (its source was the inner address).
+    table = net.chain.conntrack(gateway)
+    assert f"src={gateway.down[4]} dst={net.chain.outer.down[4]} sport={conn.inner_port} " in table
+    assert f"dst={gateway.up[4]} sport={SERVICE_PORT} dport={conn.outer_port} " in table
+    assert net.ask_gateway(conn) == user_reply(conn)
+    daemon.wait_log(
+        rf"query={conn.outer_port},{SERVICE_PORT} owner={USER.pw_name}\(uid={USER.pw_uid}\) "
+        rf"reply=USERID:UNIX:{USER.pw_name} rule=default"
+    )
 
 
 def test_lookup_explains_a_translated_connection(net: Lab) -> None:

@@ -212,6 +212,21 @@ def test_nat_off_or_not_translated() -> None:
     assert table.searches == [(Endpoint(GATEWAY, 50999), 6667, PEER)]
 
 
+def test_translated_from_an_address_of_this_host() -> None:
+    """A process of the gateway itself that connects from its inner address is
+    masqueraded too: its socket, found by the inner tuple, is answered by this host's
+    own policy, with the outer port pair."""
+    made, _ = responder("[nat]\nenabled = true\n" + MAP)
+    local, remote = ep("10.0.0.2", 40001), ep(str(PEER), 6667)
+    made.backend.table[ConnectionId(local, remote)] = SocketEntry(  # type: ignore[attr-defined]
+        local, remote, TcpState.ESTABLISHED, 1000, 4242
+    )
+    answer = made.respond(QUERY, TRANSLATED, 0.0, explain=True)
+    assert answer.line == b"50123,6667:USERID:UNIX:alice\r\n"
+    assert answer.forward is None
+    assert "the inner end is a socket of this host" in answer.trace
+
+
 def entry(remote: str, uid: int, inode: int = 77) -> Found:
     local = ep("10.0.0.2", 40001)
     return Found(SocketEntry(local, ep(remote, 6667), TcpState.ESTABLISHED, uid, inode), False)
