@@ -73,7 +73,8 @@ class Metrics:
                 f"procident_{name} {value}",
             ]
         out += [
-            "# HELP procident_forwards_total Forwards to an application's ident server.",
+            "# HELP procident_forwards_total Forwards to another ident server: an application's, "
+            "or an inner host's (NAT).",
             "# TYPE procident_forwards_total counter",
         ]
         out += [

@@ -235,19 +235,31 @@ def fake_inner_server(lab: Lab) -> socket.socket:
 
 def test_inner_daemon_slow(net: Lab) -> None:
     """An inner ident server that accepts and never answers: the gateway gives up at
-    [forward] timeout and answers from the map; the outer host is not kept waiting for
-    longer than that."""
+    [forward] timeout and answers from the map; meanwhile it goes on serving others."""
     gateway = net.start(
-        net.chain.gateways[0], gateway_config(net, GUEST_MAP) + "[forward]\ntimeout = 0.5\n"
+        net.chain.gateways[0], gateway_config(net, GUEST_MAP) + "[forward]\ntimeout = 2\n"
     )
     silent = fake_inner_server(net)
     conn = net.connect_out()
-    assert net.ask_gateway(conn) == user_reply(conn, "guest")
-    asked, _ = silent.accept()  # it was asked, and kept silent
-    with asked:
-        asked.settimeout(IO_TIMEOUT)
-        assert asked.recv(100) == b"%d,%d\r\n" % (conn.inner_port, SERVICE_PORT)
-    gateway.wait_log(r"rule=nat forward .*: no answer in 0.5s; nat.map\[0\]")
+    outer = net.chain.gateways[0].up[4]
+    with inside(net.chain.outer.name):
+        waiting = socket.create_connection((outer, 113), IO_TIMEOUT)
+    with waiting:
+        waiting.sendall(b"%d,%d\r\n" % (conn.outer_port, SERVICE_PORT))
+        asked, _ = silent.accept()  # it was asked, and keeps silent
+        with asked:
+            asked.settimeout(IO_TIMEOUT)
+            assert asked.recv(100) == b"%d,%d\r\n" % (conn.inner_port, SERVICE_PORT)
+            # While that forward is out, another client is answered at once...
+            other = net.ask(net.chain.outer, outer, 1, 1)
+            assert other == b"1,1:ERROR:NO-USER\r\n"
+            # ...and the first is still waiting.
+            waiting.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                waiting.recv(100)
+            waiting.settimeout(IO_TIMEOUT)
+            assert read_line(waiting) == user_reply(conn, "guest")
+    gateway.wait_log(r"rule=nat forward .*: no answer in 2s; nat.map\[0\]")
 
 
 GARBAGE = [

@@ -161,6 +161,32 @@ def responder(text: str, sockets=None) -> tuple[Responder, Conntrack]:
     return made, table
 
 
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("10.1.2.3", UserIdReply("b", "OTHER")),  # the wide entry before it did not match
+        ("10.1.2.4", UserIdReply("c", "UNIX", "UTF-8")),
+        ("fd00::5", HIDDEN_USER),
+        ("192.0.2.1", None),  # no entry
+        ("::ffff:10.1.2.3", None),  # IPv6 is not matched against IPv4 networks
+    ],
+)
+def test_nat_map_first_match(host: str, expected) -> None:
+    """First match wins, and checking one entry never changes the address the next is
+    checked against (oidentd masked the address in place, so a narrow entry after a
+    wide one that failed could never match)."""
+    from procident.policy import nat_map
+
+    conf = config(
+        '[[nat.map]]\nhosts = ["10.9.0.0/16"]\nreply = "a"\n'
+        '[[nat.map]]\nhosts = ["10.1.2.3"]\nreply = "b"\n'
+        '[[nat.map]]\nhosts = ["10.1.0.0/16"]\nreply = "c"\nos = "UNIX"\ncharset = "UTF-8"\n'
+        '[[nat.map]]\nhosts = ["fd00::/8"]\naction = "hide"\n'
+    )
+    decision = nat_map(ipaddress.ip_address(host), conf, random.Random(1))
+    assert (decision.reply if decision else None) == expected
+
+
 def test_forward_first_with_the_map_as_fallback() -> None:
     """order = "forward": the inner host is asked about its own port pair; the map entry
     is what is sent if it cannot answer."""
