@@ -177,7 +177,7 @@ def find_inner(text: str, query: ConnectionId) -> ConnectionId | None:
 
 
 PATH = "/proc/net/nf_conntrack"
-CHUNK = 1 << 18  # bytes read at a time: what one search holds of the table at most
+CHUNK = 1 << 18  # bytes read at a time: what a search outside a batch holds at most
 
 
 class ConntrackTable:
