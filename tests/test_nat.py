@@ -60,7 +60,6 @@ class Lab:
         self.chain = chain
         self.workdir = workdir
         self.stack = stack
-        self.daemons: dict[str, Daemon] = {}
 
     def start(self, host: Host, config: str, listen=("0.0.0.0:113", "[::]:113")) -> Daemon:
         """procident serve inside `host`'s namespace, on port 113 there."""
@@ -73,7 +72,6 @@ class Lab:
             preexec_fn=lambda: setns(f"/run/netns/{host.name}"),
         )
         self.stack.callback(daemon.stop)
-        self.daemons[host.name] = daemon
         return daemon
 
     def connect_out(
@@ -130,7 +128,7 @@ def net(workdir: Path) -> Iterator[Lab]:
         yield it
 
 
-def gateway_config(lab: Lab, extra: str = "") -> str:
+def gateway_config(extra: str = "") -> str:
     return f"[nat]\nenabled = true\n{extra}\n"
 
 
@@ -169,7 +167,7 @@ def error_reply(conn: Connection, error: str) -> bytes:
 def test_forwarded_answer(net: Lab, version: int) -> None:
     """The gateway finds the inner connection in its conntrack table, asks the inner
     host's procident about the inner port pair, and answers with the outer pair."""
-    gateway = net.start(net.chain.gateways[0], gateway_config(net))
+    gateway = net.start(net.chain.gateways[0], gateway_config())
     inner = net.start(net.chain.inner, inner_config(net))
     conn = net.connect_out(version)
     # The premise: the gateway really translates this connection.
@@ -193,7 +191,7 @@ def test_forwarded_answer(net: Lab, version: int) -> None:
 def test_static_map(net: Lab) -> None:
     """order = "map": an inner host the map lists gets the map's answer; its own ident
     daemon is never asked."""
-    gateway = net.start(net.chain.gateways[0], gateway_config(net, 'order = "map"' + GUEST_MAP))
+    gateway = net.start(net.chain.gateways[0], gateway_config('order = "map"' + GUEST_MAP))
     inner = net.start(net.chain.inner, inner_config(net))
     conn = net.connect_out()
     assert net.ask_gateway(conn) == user_reply(conn, "guest")
@@ -204,7 +202,7 @@ def test_static_map(net: Lab) -> None:
 def test_map_only_without_forwarding(net: Lab) -> None:
     """forward = false: the map answers; an inner host it does not list gets UNKNOWN-ERROR."""
     other_map = '[[nat.map]]\nhosts = ["192.168.0.0/16"]\naction = "hide"\n'
-    net.start(net.chain.gateways[0], gateway_config(net, "forward = false\n" + other_map))
+    net.start(net.chain.gateways[0], gateway_config("forward = false\n" + other_map))
     net.start(net.chain.inner, inner_config(net))
     conn = net.connect_out()
     assert net.ask_gateway(conn) == error_reply(conn, "UNKNOWN-ERROR")
@@ -214,7 +212,7 @@ def test_map_only_without_forwarding(net: Lab) -> None:
 def test_inner_daemon_down(net: Lab, mapped: bool) -> None:
     """No ident daemon on the inner host: the connection is refused, and the map answers,
     or UNKNOWN-ERROR without a map entry."""
-    gateway = net.start(net.chain.gateways[0], gateway_config(net, GUEST_MAP if mapped else ""))
+    gateway = net.start(net.chain.gateways[0], gateway_config(GUEST_MAP if mapped else ""))
     conn = net.connect_out()
     expected = user_reply(conn, "guest") if mapped else error_reply(conn, "UNKNOWN-ERROR")
     assert net.ask_gateway(conn) == expected
@@ -237,7 +235,7 @@ def test_inner_daemon_slow(net: Lab) -> None:
     """An inner ident server that accepts and never answers: the gateway gives up at
     [forward] timeout and answers from the map; meanwhile it goes on serving others."""
     gateway = net.start(
-        net.chain.gateways[0], gateway_config(net, GUEST_MAP) + "[forward]\ntimeout = 2\n"
+        net.chain.gateways[0], gateway_config(GUEST_MAP) + "[forward]\ntimeout = 2\n"
     )
     silent = fake_inner_server(net)
     conn = net.connect_out()
@@ -278,7 +276,7 @@ GARBAGE = [
 def test_inner_daemon_garbage(net: Lab, garbage: bytes) -> None:
     """Whatever the inner host sends that is not a valid reply about the port pair asked
     is not passed on: the map answers instead."""
-    net.start(net.chain.gateways[0], gateway_config(net, GUEST_MAP))
+    net.start(net.chain.gateways[0], gateway_config(GUEST_MAP))
     server = fake_inner_server(net)
     conn = net.connect_out()
     values = {b"inner": conn.inner_port, b"server": SERVICE_PORT, b"other": conn.inner_port + 1}
@@ -297,7 +295,7 @@ def test_inner_daemon_garbage(net: Lab, garbage: bytes) -> None:
 
 def test_inner_errors_are_passed_on(net: Lab) -> None:
     """The inner host's own answer is its policy: its HIDDEN-USER reaches the outer host."""
-    net.start(net.chain.gateways[0], gateway_config(net, GUEST_MAP))
+    net.start(net.chain.gateways[0], gateway_config(GUEST_MAP))
     hide = f'[[rules]]\nusers = ["{USER.pw_name}"]\naction = "hide"\n'
     net.start(net.chain.inner, inner_config(net) + hide)
     conn = net.connect_out()
@@ -311,9 +309,9 @@ def test_chain_of_two_gateways(workdir: Path, version: int) -> None:
     the answer comes back out with each hop's port pair."""
     with lab(workdir, gateways=2) as net:
         gw1, gw2 = net.chain.gateways
-        first = net.start(gw1, gateway_config(net))
+        first = net.start(gw1, gateway_config())
         trusted = f'gateways = ["{gw1.down[4]}", "{gw1.down[6]}"]\n'
-        second = net.start(gw2, gateway_config(net) + trusted)
+        second = net.start(gw2, gateway_config() + trusted)
         inner = net.start(net.chain.inner, inner_config(net))
         conn = net.connect_out(version)
         assert net.ask_gateway(conn, version) == user_reply(conn)
@@ -355,7 +353,7 @@ def test_query_from_a_host_not_allowed(net: Lab) -> None:
     # The gateway, not trusted: its forward is answered NO-USER, which it passes on.
     inner.reload(inner_config(net, gateways='"10.1.0.3/32"'))
     inner.wait_log("configuration reloaded")
-    net.start(gw, gateway_config(net))
+    net.start(gw, gateway_config())
     assert net.ask_gateway(conn) == error_reply(conn, "NO-USER")
 
 
@@ -364,7 +362,7 @@ def test_gateway_process_on_its_inner_address(net: Lab) -> None:
     behind it; its own socket is found by the inner tuple and answered by the gateway's
     policy, not forwarded to itself."""
     gateway = net.chain.gateways[0]
-    daemon = net.start(gateway, gateway_config(net))
+    daemon = net.start(gateway, gateway_config())
     conn = net.connect_out(host=gateway, source=gateway.down[4])
     # The premise: the connection is translated (its source was the inner address).
     table = net.chain.conntrack(gateway)
@@ -382,7 +380,7 @@ def test_lookup_explains_a_translated_connection(net: Lab) -> None:
     matched, and the reply."""
     gateway = net.chain.gateways[0]
     config = net.workdir / "gateway.toml"
-    config.write_text(gateway_config(net, 'order = "map"' + GUEST_MAP))
+    config.write_text(gateway_config('order = "map"' + GUEST_MAP))
     conn = net.connect_out()
     command = [
         "ip", "netns", "exec", gateway.name, sys.executable, "-m", "procident", "lookup",
