@@ -165,7 +165,8 @@ def activated_sockets(environ: MutableMapping[str, str] = os.environ) -> list[so
         if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
             socket.SOL_SOCKET, socket.SO_ACCEPTCONN
         ):
-            raise OSError(
+            sock.close()
+            raise ValueError(
                 f"passed socket {fd} ({names or 'unnamed'}) is not a listening TCP socket"
             )
         sock.setblocking(False)

@@ -193,6 +193,31 @@ def test_inetd_refuses_without_addresses(config: Path) -> None:
 # -- socket activation and sd_notify ----------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", ["udp", "tcp-not-listening"])
+def test_socket_activation_refuses_a_wrong_socket(config: Path, kind: str) -> None:
+    """A passed socket that is not a listening TCP socket: the reason and exit 1, no
+    traceback (the shell sets LISTEN_PID to its own pid, which exec keeps)."""
+    if kind == "udp":
+        passed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    else:
+        passed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with passed:
+        command = " ".join(PROCIDENT) + f" serve --log-target stderr -c {config}"
+        result = subprocess.run(
+            ["sh", "-c", f"LISTEN_PID=$$ LISTEN_FDS=1 exec {command}"],
+            preexec_fn=lambda: os.dup2(passed.fileno(), 3),  # the first passed socket
+            pass_fds=(3,),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 1, result.stderr
+    assert "Error: LISTEN_FDS: passed socket 3 (unnamed) is not a listening TCP socket" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
 def test_socket_activation(spawn, config: Path) -> None:
     """Given a listening socket by the service manager (LISTEN_FDS), procident serves on
     it instead of binding, and drops root as usual."""
