@@ -14,9 +14,9 @@ import logging.handlers
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from procident.lookup import Endpoint
+from procident.lookup import ConnectionId, Endpoint
 from procident.protocol import ReplyError, check_token, check_user_id
 
 if sys.version_info >= (3, 11):
@@ -102,6 +102,39 @@ class Rule:
 
 
 DEFAULT_RULES = (Rule(name="rules[0]", action="hide", users=frozenset({"root"})),)
+
+
+class ConnectionMatch(Protocol):
+    """The connection fields a rule and a user's choice match on (empty: any)."""
+
+    @property
+    def clients(self) -> tuple[IPNetwork, ...]: ...
+    @property
+    def local_addresses(self) -> tuple[IPNetwork, ...]: ...
+    @property
+    def server_ports(self) -> tuple[PortRange, ...]: ...
+    @property
+    def client_ports(self) -> tuple[PortRange, ...]: ...
+
+
+def connection_mismatch(match: ConnectionMatch, conn: ConnectionId) -> str:
+    """The first of `match`'s connection fields that `conn` fails (local = this host's
+    end), or "" when it fits them all."""
+    if match.clients and not any(conn.remote.address in net for net in match.clients):
+        return "clients"
+    if match.local_addresses and not any(
+        conn.local.address in net for net in match.local_addresses
+    ):
+        return "local_addresses"
+    if match.server_ports and not any(
+        low <= conn.local.port <= high for low, high in match.server_ports
+    ):
+        return "server_ports"
+    if match.client_ports and not any(
+        low <= conn.remote.port <= high for low, high in match.client_ports
+    ):
+        return "client_ports"
+    return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,6 +478,33 @@ def _listen(value: object) -> tuple[Endpoint, ...]:
     return tuple(endpoints)
 
 
+def _key_path(path: str, key: str) -> str:
+    """A key's path for messages: section.key, rules[2].key, or key at a file's top."""
+    return f"{path}.{key}" if path else key
+
+
+def _checked_table(
+    table: object, checkers: Mapping[str, Callable[[Any], Any]], path: str, what: str
+) -> dict[str, Any]:
+    """Each key of a TOML table passed through its checker: a section, a [[rules]] entry,
+    a [[nat.map]] entry, a user's choice. A ValueError names the key's path (`path` is
+    the table's, such as reply or rules[2]; empty at the top of a file) and the reason."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: must be a table {what}")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        where = _key_path(path, key)
+        if key not in checkers:
+            raise ValueError(_unknown(key, list(checkers), where))
+        try:
+            values[key] = checkers[key](value)
+        except ValueError as err:
+            reason = str(err)  # a reason about a list's item starts with its index
+            sep = "" if reason.startswith("[") else ": "
+            raise ValueError(f"{where}{sep}{reason}") from None
+    return values
+
+
 _SECTIONS: dict[str, tuple[type[Any], dict[str, Callable[[Any], Any]]]] = {
     "server": (
         ServerConfig,
@@ -562,26 +622,6 @@ CONCEALING = ("hide", "no-user", "deny")
 MAX_REPLIES = 255
 
 
-def _checked_table(
-    table: object, checkers: dict[str, Callable[[Any], Any]], path: str, what: str
-) -> dict[str, Any]:
-    """Each key of an array's table passed through its checker; a ValueError names the
-    key path (`path` is the table's, such as rules[2]) and the reason."""
-    if not isinstance(table, dict):
-        raise ValueError(f"{path}: must be a table {what}")
-    values: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in checkers:
-            raise ValueError(_unknown(key, list(checkers), f"{path}.{key}"))
-        try:
-            values[key] = checkers[key](value)
-        except ValueError as err:
-            reason = str(err)
-            sep = "" if reason.startswith("[") else ": "
-            raise ValueError(f"{path}.{key}{sep}{reason}") from None
-    return values
-
-
 def _parse_rule(table: object, path: str) -> Rule:
     try:
         values = _checked_table(table, _RULE_KEYS, path, "[[rules]]")
@@ -671,21 +711,11 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         if name not in _SECTIONS:
             known = [*_SECTIONS, "rules"]
             raise ConfigError(f"{source}: {_unknown(name, known, name)}")
-        if not isinstance(table, dict):
-            raise ConfigError(f"{source}: {name}: must be a table [{name}]")
         cls, checkers = _SECTIONS[name]
-        values: dict[str, Any] = {}
-        for key, value in table.items():
-            path = f"{name}.{key}"
-            if key not in checkers:
-                raise ConfigError(f"{source}: {_unknown(key, list(checkers), path)}")
-            try:
-                values[key] = checkers[key](value)
-            except ValueError as err:
-                reason = str(err)  # a reason about an item starts with its index
-                sep = "" if reason.startswith("[") else ": "
-                raise ConfigError(f"{source}: {path}{sep}{reason}") from None
-        sections[name] = cls(**values)
+        try:
+            sections[name] = cls(**_checked_table(table, checkers, name, f"[{name}]"))
+        except ValueError as err:
+            raise ConfigError(f"{source}: {err}") from None
     config = Config(**sections)
     if config.reply.min_response_time >= config.limits.idle_timeout:
         raise ConfigError(

@@ -17,7 +17,15 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from procident.config import CONCEALING, AccessConfig, Config, LimitsConfig, ReplyConfig, Rule
+from procident.config import (
+    CONCEALING,
+    AccessConfig,
+    Config,
+    LimitsConfig,
+    ReplyConfig,
+    Rule,
+    connection_mismatch,
+)
 from procident.lookup import ConnectionId, Endpoint, Found, IPAddress
 from procident.protocol import ErrorReply, ErrorType, Reply, UserIdReply
 from procident.userfiles import Choice, UserFiles
@@ -120,9 +128,7 @@ def decide(
     if found is None:
         if reply_config.fallback:
             trace("no such connection; [reply] fallback is set")
-            fallback = UserIdReply(
-                reply_config.fallback, reply_config.other_os, _charset(reply_config, None)
-            )
+            fallback = configured_reply(reply_config.fallback, reply_config)
             return Decision(fallback, "reply.fallback", "reply", trace=trace.done())
         trace("no such connection")
         return Decision(NO_USER, "no-connection", trace=trace.done())
@@ -203,19 +209,12 @@ def _mismatch(rule: Rule, conn: ConnectionId, owner: Owner, groups: frozenset[st
     )
     if (rule.users or rule.uids or rule.groups) and not names_owner:
         return "owner"
-    if rule.clients and not any(conn.remote.address in net for net in rule.clients):
-        return "clients"
-    if rule.local_addresses and not any(conn.local.address in net for net in rule.local_addresses):
-        return "local_addresses"
-    if rule.server_ports and not any(
-        low <= conn.local.port <= high for low, high in rule.server_ports
-    ):
-        return "server_ports"
-    if rule.client_ports and not any(
-        low <= conn.remote.port <= high for low, high in rule.client_ports
-    ):
-        return "client_ports"
-    return ""
+    return connection_mismatch(rule, conn)
+
+
+def configured_reply(user_id: str, reply: ReplyConfig) -> UserIdReply:
+    """A fixed id of [reply] (reply_all, fallback): not a login name, so other_os."""
+    return UserIdReply(user_id, reply.other_os, _charset(reply, None))
 
 
 def _charset(reply: ReplyConfig, rule: Rule | None) -> str | None:
@@ -252,17 +251,22 @@ def _act(
         os = rule.os if rule and rule.os else reply.os
         return Decision(UserIdReply(owner.name, os, charset), name, action, trace=trace.done())
     assert rule is not None
-    if action == "numeric":
-        user_id = str(owner.uid)
-    elif action == "reply":
-        user_id = rng.choice(rule.reply)
-    elif action == "random":
-        user_id = random_id(rng)
-    elif action == "random-numeric":
-        user_id = f"user{rng.randrange(100000)}"
-    else:  # token, forward: completed by the responder
+    if action in ("token", "forward"):  # completed by the responder
         return Decision(None, name, action, other, rule.forward, trace=trace.done())
+    user_id = _made_id(action, owner, rule.reply, rng)
     return Decision(UserIdReply(user_id, other, charset), name, action, trace=trace.done())
+
+
+def _made_id(action: str, owner: Owner, replies: tuple[str, ...], rng: random.Random) -> str:
+    """The id of action numeric, reply (one of `replies`), random or random-numeric."""
+    if action == "numeric":
+        return str(owner.uid)
+    if action == "reply":
+        return rng.choice(replies)
+    if action == "random":
+        return random_id(rng)
+    assert action == "random-numeric", action
+    return f"user{rng.randrange(100000)}"
 
 
 def _refusal(
@@ -317,14 +321,7 @@ def _user_act(
         return Decision(
             None, name, "forward", other, choice.forward, rule.user_may, trace=trace.done()
         )
-    if choice.action == "numeric":
-        user_id = str(owner.uid)
-    elif choice.action == "reply":
-        user_id = rng.choice(choice.reply)
-    elif choice.action == "random":
-        user_id = random_id(rng)
-    else:
-        user_id = f"user{rng.randrange(100000)}"
+    user_id = _made_id(choice.action, owner, choice.reply, rng)
     if user_id == owner.name:  # a login name after all
         other = rule.os or reply.os
     return Decision(UserIdReply(user_id, other, charset), name, choice.action, trace=trace.done())

@@ -71,10 +71,10 @@ class Forward:
 
     target: Endpoint
     ask: Query  # the port pair to send: the query's own, or the inner connection's
-    decision: policy.Decision
     conn: ConnectionId
-    owner: policy.Owner | None
-    nat: NatPlan | None = None
+    decision: policy.Decision | None = None  # an application's: the rule's, or the user's
+    owner: policy.Owner | None = None
+    nat: NatPlan | None = None  # an inner host's
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,9 +286,7 @@ class Responder:
         try:
             if reply_config.reply_all:
                 # One answer for every well-formed query: no lookup at all.
-                reply: Reply = UserIdReply(
-                    reply_config.reply_all, reply_config.other_os, reply_config.charset or None
-                )
+                reply: Reply = policy.configured_reply(reply_config.reply_all, reply_config)
                 line = format_reply(query.server_port, query.client_port, reply)
                 return Answer(line, reply, "reply.reply_all", trace=("[reply] reply_all is set",))
             nat = config.nat
@@ -315,9 +313,7 @@ class Responder:
                 if not reply_config.fallback:
                     raise
                 log.error("lookup of %s failed: %s", _describe(conn), err)
-                reply = UserIdReply(
-                    reply_config.fallback, reply_config.other_os, reply_config.charset or None
-                )
+                reply = policy.configured_reply(reply_config.fallback, reply_config)
                 line = format_reply(query.server_port, query.client_port, reply)
                 return Answer(line, reply, "reply.fallback")
             if found is not None and found.entry.owned:
@@ -330,7 +326,7 @@ class Responder:
             if decision.reply is None:
                 assert owner is not None
                 if decision.action == "forward" and decision.forward is not None:
-                    plan = Forward(decision.forward, query, decision, conn, owner)
+                    plan = Forward(decision.forward, query, conn, decision, owner)
                     return Answer(None, None, decision.rule, found, owner, plan, decision.trace)
                 reply = self._token(decision, owner, conn)
             else:
@@ -434,10 +430,8 @@ class Responder:
                 f"ask {target} about {inner.local.port},{inner.remote.port}; "
                 f"if it cannot answer: {fallback_rule}"
             )
-            decision = policy.Decision(None, "nat", "forward", trace=tuple(steps))
             plan = NatPlan(inner, fallback, fallback_rule, from_gateway)
-            ask = Query(inner.local.port, inner.remote.port)
-            forward = Forward(target, ask, decision, conn, None, plan)
+            forward = Forward(target, Query(inner.local.port, inner.remote.port), conn, nat=plan)
             return Answer(None, None, "nat", forward=forward, trace=tuple(steps))
         if mapped is not None:
             assert mapped.reply is not None
@@ -551,8 +545,8 @@ def forwarded_reply(
     may hide, else the owner's name (as oidentd does).
     """
     decision = plan.decision
+    assert decision is not None and plan.owner is not None
     may = decision.capabilities
-    assert plan.owner is not None
     charset = config.charset or None
     reply: Reply | None = None
     answered, note = read_answer(line, failure, plan.ask)

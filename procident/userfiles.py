@@ -18,11 +18,13 @@ from procident.config import (
     IPNetwork,
     PortRange,
     _address,
+    _checked_table,
+    _key_path,
     _list_of,
     _network,
     _range,
-    _unknown,
     _user_id,
+    connection_mismatch,
 )
 from procident.lookup import ConnectionId, Endpoint
 
@@ -61,12 +63,7 @@ class Choice:
 
     def matches(self, conn: ConnectionId) -> bool:
         """Whether this choice is for `conn` (local = this host's end)."""
-        return (
-            _in_networks(conn.remote.address, self.clients)
-            and _in_ranges(conn.remote.port, self.client_ports)
-            and _in_networks(conn.local.address, self.local_addresses)
-            and _in_ranges(conn.local.port, self.server_ports)
-        )
+        return not connection_mismatch(self, conn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,16 +93,6 @@ class UserFiles:
     unreadable: bool = False  # the home directory could not be read at all
 
 
-def _in_networks(
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address, networks: tuple[IPNetwork, ...]
-) -> bool:
-    return not networks or any(address in network for network in networks)
-
-
-def _in_ranges(port: int, ranges: tuple[PortRange, ...]) -> bool:
-    return not ranges or any(low <= port <= high for low, high in ranges)
-
-
 # -- ~/.procident.toml ---------------------------------------------------------
 
 
@@ -116,8 +103,14 @@ def _loopback_forward(value: object) -> Endpoint:
     return endpoint
 
 
+def _user_action(value: object) -> str:
+    if value not in USER_ACTIONS:
+        raise ValueError(f"must be one of {', '.join(USER_ACTIONS)}, not {value!r}")
+    return str(value)
+
+
 _CHOICE_KEYS: dict[str, Any] = {
-    "action": None,  # checked below, with a message listing the user actions
+    "action": _user_action,
     "reply": lambda v: _list_of(_user_id, "user ids")([v] if isinstance(v, str) else v),
     "forward": _loopback_forward,
     "clients": _list_of(_network, "networks"),
@@ -126,37 +119,27 @@ _CHOICE_KEYS: dict[str, Any] = {
     "server_ports": _list_of(_range(65535, "port"), "ports"),
 }
 _MATCH_KEYS = ("clients", "client_ports", "local_addresses", "server_ports")
+# At the top of ~/.procident.toml: the default choice, for every connection.
+_DEFAULT_KEYS = {key: check for key, check in _CHOICE_KEYS.items() if key not in _MATCH_KEYS}
 
 
 def _choice_from(table: dict[str, Any], path: str, where: str, top: bool) -> Choice:
-    values: dict[str, Any] = {}
-    for key, value in table.items():
-        if top and key == "rules":
-            continue
-        if key not in _CHOICE_KEYS or (top and key in _MATCH_KEYS):
-            known = [k for k in _CHOICE_KEYS if not (top and k in _MATCH_KEYS)]
-            raise UserFileError(_unknown(key, known, f"{path}{key}"))
-        if key == "action":
-            if value not in USER_ACTIONS:
-                raise UserFileError(
-                    f"{path}action: must be one of {', '.join(USER_ACTIONS)}, not {value!r}"
-                )
-            values[key] = value
-            continue
-        try:
-            values[key] = _CHOICE_KEYS[key](value)
-        except ValueError as err:
-            reason = str(err)
-            sep = "" if reason.startswith("[") else ": "
-            raise UserFileError(f"{path}{key}{sep}{reason}") from None
+    if top:
+        table = {key: value for key, value in table.items() if key != "rules"}
+    try:
+        values = _checked_table(table, _DEFAULT_KEYS if top else _CHOICE_KEYS, path, "")
+    except ValueError as err:
+        raise UserFileError(str(err)) from None
     action = values.get("action")
     if action is None:
-        raise UserFileError(f"{path.rstrip('.') or 'the file'}: has no action")
+        raise UserFileError(f"{path or 'the file'}: has no action")
     for key in ("reply", "forward"):
         if (key in values) != (action == key):
-            raise UserFileError(f'{path}{key}: goes with action = "{key}", and only with it')
+            raise UserFileError(
+                f'{_key_path(path, key)}: goes with action = "{key}", and only with it'
+            )
     if len(values.get("reply", ())) > MAX_USER_REPLIES:
-        raise UserFileError(f"{path}reply: at most {MAX_USER_REPLIES} ids")
+        raise UserFileError(f"{_key_path(path, 'reply')}: at most {MAX_USER_REPLIES} ids")
     return Choice(where=where, **values)
 
 
@@ -181,7 +164,7 @@ def parse_procident_file(text: str, path: str = "~/" + PROCIDENT_FILE) -> Choice
     if len(rules) > MAX_USER_RULES:
         raise UserFileError(f"rules: at most {MAX_USER_RULES}")
     choices = tuple(
-        _choice_from(rule, f"rules[{i}].", f"{path} rules[{i}]", top=False)
+        _choice_from(rule, f"rules[{i}]", f"{path} rules[{i}]", top=False)
         for i, rule in enumerate(rules)
     )
     return ChoiceFile(path, choices, default)

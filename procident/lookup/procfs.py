@@ -158,6 +158,39 @@ class Table:
         return f": {local} {nowhere} {TcpState.LISTEN:02X} " in self.text
 
 
+# Where a connection of one local address may be listed: the table, the address as
+# spelt there, the addresses a listener that covers it may be bound to, and the
+# table's unspecified address (a listener's remote end).
+_View = tuple[Table, IPAddress, tuple[IPAddress, ...], IPAddress]
+
+
+def _views(address: IPAddress, tcp4: str | Table, tcp6: str | Table) -> list[_View]:
+    """The tables (text is made a Table) a connection of local `address` may be in: an
+    IPv4 one also in tcp6, as ::ffff:a.b.c.d, when its socket is dual-stack."""
+    if isinstance(tcp4, str):
+        tcp4 = Table(tcp4, TCP4_PATH)
+    if isinstance(tcp6, str):
+        tcp6 = Table(tcp6, TCP6_PATH)
+    if address.version == 6:
+        return [(tcp6, address, (address, _IPV6_ANY), _IPV6_ANY)]
+    mapped = _mapped(address)
+    return [
+        (tcp4, address, (address, _IPV4_ANY), _IPV4_ANY),
+        (tcp6, mapped, (mapped, _IPV6_ANY, _mapped(_IPV4_ANY)), _IPV6_ANY),
+    ]
+
+
+def _listening(views: list[_View], port: int, byteorder: str) -> bool:
+    """Whether a listener holds `port` on the address or a wildcard that covers it; the
+    IPv6 wildcard counts for IPv4 too, since /proc does not show IPV6_V6ONLY (which
+    errs towards privacy)."""
+    return any(
+        table.listening(_hex(address, port, byteorder), _hex(nowhere, 0, byteorder))
+        for table, _, listen_on, nowhere in views
+        for address in listen_on
+    )
+
+
 def find_in_tables(
     conn: ConnectionId,
     tcp4: str | Table,
@@ -167,29 +200,15 @@ def find_in_tables(
     """Find `conn` in the two tables (their text, or Tables); all four values must match
     (RFC 1413 §3). Only the lines that hold the connection are parsed.
 
-    An IPv4 connection may sit in tcp6 as ::ffff:a.b.c.d when its socket is
-    dual-stack. Among several matches (a TIME_WAIT ghost beside a new socket
-    with the same four values) the one a process holds wins. The connection is
-    inbound when a listener holds its local port on its local address or a
-    wildcard that covers it; the IPv6 wildcard counts for IPv4 too, since /proc
-    does not show IPV6_V6ONLY (which errs towards privacy).
+    Among several matches (a TIME_WAIT ghost beside a new socket with the same four
+    values) the one a process holds wins. The connection is inbound when a listener
+    holds its local port (see _listening).
     """
-    if isinstance(tcp4, str):
-        tcp4 = Table(tcp4, TCP4_PATH)
-    if isinstance(tcp6, str):
-        tcp6 = Table(tcp6, TCP6_PATH)
     local, remote, port = conn.local.address, conn.remote.address, conn.local.port
-    tables: list[tuple[Table, IPAddress, IPAddress, tuple[IPAddress, ...], IPAddress]]
-    if local.version == 4:
-        tables = [
-            (tcp4, local, remote, (local, _IPV4_ANY), _IPV4_ANY),
-            (tcp6, _mapped(local), _mapped(remote),
-             (_mapped(local), _IPV6_ANY, _mapped(_IPV4_ANY)), _IPV6_ANY),
-        ]  # fmt: skip
-    else:
-        tables = [(tcp6, local, remote, (local, _IPV6_ANY), _IPV6_ANY)]
+    views = _views(local, tcp4, tcp6)
     match: SocketEntry | None = None
-    for table, here, there, _, _ in tables:
+    for table, here, _, _ in views:
+        there = remote if here == local else _mapped(remote)
         table.start_lookup()
         rows = table.rows(_hex(here, port, byteorder), _hex(there, conn.remote.port, byteorder))
         for line in rows:
@@ -198,12 +217,7 @@ def find_in_tables(
                 match = entry
     if match is None:
         return None  # what scanners mostly ask: no listener search needed
-    listening = any(
-        table.listening(_hex(address, port, byteorder), _hex(nowhere, 0, byteorder))
-        for table, _, _, listen_on, nowhere in tables
-        for address in listen_on
-    )
-    return Found(match, inbound=listening)
+    return Found(match, inbound=_listening(views, port, byteorder))
 
 
 def find_any_remote(
@@ -218,34 +232,18 @@ def find_any_remote(
     about a connection whose remote end is the gateway's outer peer, which it cannot
     name in an RFC 1413 query. Entries with a process holding them come first.
     """
-    if isinstance(tcp4, str):
-        tcp4 = Table(tcp4, TCP4_PATH)
-    if isinstance(tcp6, str):
-        tcp6 = Table(tcp6, TCP6_PATH)
-    address, port = local.address, local.port
-    tables: list[tuple[Table, IPAddress, tuple[IPAddress, ...], IPAddress]]
-    if address.version == 4:
-        tables = [
-            (tcp4, address, (address, _IPV4_ANY), _IPV4_ANY),
-            (tcp6, _mapped(address), (_mapped(address), _IPV6_ANY, _mapped(_IPV4_ANY)), _IPV6_ANY),
-        ]
-    else:
-        tables = [(tcp6, address, (address, _IPV6_ANY), _IPV6_ANY)]
+    views = _views(local.address, tcp4, tcp6)
     entries: list[SocketEntry] = []
-    for table, here, _, _ in tables:
-        for line in lines_with(table.text, f": {_hex(here, port, byteorder)} "):
+    for table, here, _, _ in views:
+        for line in lines_with(table.text, f": {_hex(here, local.port, byteorder)} "):
             entry = parse_line(line, table.source, byteorder)
             if entry.remote.port == remote_port and entry.state != TcpState.LISTEN:
                 entries.append(entry)
     if not entries:
         return []
-    listening = any(
-        table.listening(_hex(listen, port, byteorder), _hex(nowhere, 0, byteorder))
-        for table, _, listen_on, nowhere in tables
-        for listen in listen_on
-    )
+    inbound = _listening(views, local.port, byteorder)
     entries.sort(key=lambda entry: not entry.owned)
-    return [Found(entry, inbound=listening) for entry in entries]
+    return [Found(entry, inbound=inbound) for entry in entries]
 
 
 class ProcfsBackend:
