@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import tomllib
 from conftest import DictBackend
-from test_server import Clock, connect, pump, received
+from test_server import Clock, connect, pump, read_until_closed, received
 
 from procident.config import Config, parse_config
 from procident.lookup import ConnectionId, Endpoint, SocketEntry, TcpState
@@ -330,13 +330,7 @@ def test_rate_limit_close(make) -> None:
     fixture = make('[limits]\nper_client_rate = 1\nper_client_burst = 1\nover_limit = "close"\n')
     client = connect(fixture.server)
     client.send(b"1,1\r\n2,2\r\n")
-    data = b""
-    for _ in range(40):
-        pump(fixture.server, 1)
-        chunk = received(client)
-        if chunk is None:
-            break
-        data += chunk
+    data = read_until_closed(fixture.server, client, turns=40)
     assert data == b"1,1:ERROR:NO-USER\r\n" and not fixture.server.sessions
 
 

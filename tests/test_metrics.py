@@ -16,7 +16,7 @@ import tomllib
 from conftest import DictBackend, requires_root
 from harness import IO_TIMEOUT, wait_for
 from test_forward import Fixture
-from test_server import Clock, connect, pump, received
+from test_server import Clock, connect, pump, read_until_closed, received
 
 from procident.config import parse_config
 from procident.lookup import Endpoint
@@ -32,24 +32,12 @@ def sample(text: str, name: str) -> float:
     return float(match[1])
 
 
-def read_until_closed(fixture: MetricsFixture, client: socket.socket) -> bytes:
-    """Run the loop and collect what `client` receives until the server closes it."""
-    out = b""
-    for _ in range(100):
-        pump(fixture.server, 1)
-        chunk = received(client)
-        if chunk is None:
-            break
-        out += chunk
-    client.close()
-    return out
-
-
 def exchange(fixture: MetricsFixture, data: bytes) -> bytes:
     client = connect(fixture.server)
     client.send(data)
     client.shutdown(socket.SHUT_WR)
-    return read_until_closed(fixture, client)
+    with client:
+        return read_until_closed(fixture.server, client)
 
 
 def scrape(
@@ -59,7 +47,8 @@ def scrape(
     client = socket.create_connection(fixture.server.metrics_listener.getsockname())
     client.setblocking(False)
     client.send(request)
-    return read_until_closed(fixture, client)
+    with client:
+        return read_until_closed(fixture.server, client)
 
 
 class MetricsFixture(Fixture):

@@ -73,6 +73,18 @@ def received(sock: socket.socket) -> bytes | None:
         data += chunk
 
 
+def read_until_closed(server: Server, client: socket.socket, turns: int = 100) -> bytes:
+    """Run the loop and collect what `client` receives until the server closes it."""
+    out = b""
+    for _ in range(turns):
+        pump(server, 1)
+        chunk = received(client)
+        if chunk is None:
+            break
+        out += chunk
+    return out
+
+
 @pytest.fixture
 def server_factory():
     servers: list[Server] = []
