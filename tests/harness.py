@@ -189,9 +189,10 @@ def owned_connection(
             if family == socket.AF_INET6 and ":" not in target:
                 target = "::ffff:" + target  # a dual-stack socket reaching an IPv4 service
             sock.connect((target, listener.getsockname()[1]))
-            os.write(port_w, b"%d" % sock.getsockname()[1])
+            port = sock.getsockname()[1]
             if close_first:
-                sock.close()
+                sock.close()  # before the parent hears the port, so it never asks too soon
+            os.write(port_w, b"%d" % port)
             os.read(hold_r, 1)  # until the parent closes hold_w
             status = 0
         finally:
