@@ -58,8 +58,10 @@ from procident.lookup import (
 from procident.lookup.conntrack import PATH, ConntrackTable
 from procident.process import (
     Notifier,
+    PidFileError,
     PrivilegeError,
     activated_sockets,
+    check_pid_file,
     daemonize,
     drop_privileges,
     remove_pid_file,
@@ -299,6 +301,11 @@ def serve(
         config = load()
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
+    if pid_file:
+        try:
+            check_pid_file(pid_file)  # before anything is bound or written
+        except PidFileError as err:
+            raise click.ClickException(f"--pid-file {pid_file}: {err}") from None
     setup_logging(config.log)
     log.info("configuration: %s", config_file(config_path) or "built-in defaults")
     backend = _backend(config.lookup.backend)
@@ -334,6 +341,8 @@ def serve(
     if pid_file:
         try:
             write_pid_file(pid_file)  # before dropping root: /run is root's
+        except PidFileError as err:
+            raise click.ClickException(f"--pid-file {pid_file}: {err}") from None
         except OSError as err:
             raise click.ClickException(
                 f"cannot write pid file {pid_file}: {err.strerror}"

@@ -6,11 +6,14 @@ daemon and its tests need it, and none of it is about ident.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import grp
 import logging
 import os
 import pwd
 import socket
+import stat
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 
@@ -87,13 +90,85 @@ def daemonize() -> Callable[[], None]:
     return ready
 
 
+class PidFileError(Exception):
+    """A pid file path that root must not write through; the message says why."""
+
+
+def _safe_directory(path: str) -> int:
+    """A descriptor of the directory of `path`, opened one component at a time from /
+    without following a symbolic link. The directory reached must be owned by root (or
+    by this process's user when it is not root) and writable by no one else: whoever can
+    write it could make root's write land on a file of their choice. Directories above it
+    need no check: the walk holds each one open, so renaming them changes nothing, and
+    what an attacker could put in its place would be theirs, and refused."""
+    directory = os.path.dirname(os.path.abspath(path))
+    euid = os.geteuid()
+    trusted = {0, euid}
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    walked = "/"
+    try:
+        for part in [p for p in directory.split("/") if p]:
+            walked = os.path.join(walked, part)
+            try:
+                child = os.open(
+                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+            except OSError as err:
+                if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise PidFileError(f"{walked} is not a directory (a symbolic link?)") from None
+                raise PidFileError(f"cannot open {walked}: {err.strerror}") from None
+            os.close(fd)
+            fd = child
+        info = os.fstat(fd)
+        if info.st_uid not in trusted:
+            owner = "root" if euid == 0 else f"root or uid {euid}"
+            raise PidFileError(
+                f"{walked} is owned by uid {info.st_uid}: the pid file's directory must be "
+                f"owned by {owner}"
+            )
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise PidFileError(
+                f"{walked} is writable by group or others (mode {stat.S_IMODE(info.st_mode):04o})"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_pid_file(path: str) -> None:
+    """Raise PidFileError if `path` is not a safe place for the pid file: its directory
+    must be writable only by root (or by this user when not root)."""
+    os.close(_safe_directory(path))
+
+
 def write_pid_file(path: str) -> None:
-    """Write this process's pid to `path`, replacing it atomically."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w", encoding="ascii") as file:
-        file.write(f"{os.getpid()}\n")
-    os.chmod(temporary, 0o644)
-    os.replace(temporary, path)
+    """Write this process's pid to `path`, replacing it atomically.
+
+    The directory is checked first (PidFileError). The new file is created with
+    O_EXCL and O_NOFOLLOW under a temporary name, its mode set on the descriptor,
+    and renamed over `path`: a link at either name is replaced, never followed.
+    """
+    dir_fd = _safe_directory(path)
+    name = os.path.basename(path)
+    temporary = f".{name}.{os.getpid()}.tmp"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=dir_fd)  # left by a crash of this same pid
+        fd = os.open(
+            temporary,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o644,
+            dir_fd=dir_fd,
+        )
+        try:
+            os.fchmod(fd, 0o644)
+            os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        finally:
+            os.close(fd)
+        os.replace(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def remove_pid_file(path: str) -> None:

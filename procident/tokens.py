@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import ipaddress
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -26,6 +28,7 @@ from procident.lookup import ConnectionId, Endpoint
 KEY_BYTES = 32
 NONCE_BYTES = 12
 VERSION = 1
+MAX_KEY_FILE = 1 << 16  # 255 keys take about 12 KiB
 _FACTS = struct.Struct("!BqIB16sH16sH")  # version, time, uid, ip version, local, remote
 _KEY_LINE = re.compile(r"([0-9]{1,3}):([A-Za-z0-9_=-]+)")
 
@@ -90,17 +93,55 @@ def parse_keys(text: str, source: str = "key file") -> dict[int, bytes]:
     return keys
 
 
-def load_keys(path: str) -> dict[int, bytes]:
-    """Read a key file; it must not be readable by group or others."""
+def _open_key_file(path: str, flags: int) -> int:
+    """Open the key file without following a link and without blocking (a FIFO at the
+    path must not hang the daemon), then check what was opened: a regular file, owned by
+    root or the running user, readable and writable by that owner alone."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise TokenError(f"{path}: is a symbolic link; name the file itself") from None
+        if err.errno in (errno.EISDIR, errno.ENXIO):
+            raise TokenError(f"{path}: is not a regular file") from None
         raise TokenError(f"{path}: cannot read: {err.strerror}") from None
-    with os.fdopen(fd, "rb") as file:
-        if os.fstat(fd).st_mode & 0o077:
-            raise TokenError(f"{path}: must not be readable by group or others (chmod 600)")
-        data = file.read(1 << 16)
+    try:
+        info = os.fstat(fd)
+        euid = os.geteuid()
+        if not stat.S_ISREG(info.st_mode):
+            raise TokenError(f"{path}: is not a regular file")
+        if info.st_uid not in (0, euid):
+            who = "root" if euid == 0 else f"root or uid {euid}"
+            raise TokenError(f"{path}: is owned by uid {info.st_uid}; it must be owned by {who}")
+        if info.st_mode & 0o077:
+            raise TokenError(
+                f"{path}: must not be readable or writable by group or others (chmod 600)"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_keys(fd: int, path: str) -> dict[int, bytes]:
+    data = b""
+    while len(data) <= MAX_KEY_FILE:
+        chunk = os.read(fd, MAX_KEY_FILE + 1 - len(data))
+        if not chunk:
+            break
+        data += chunk
+    if len(data) > MAX_KEY_FILE:
+        raise TokenError(f"{path}: larger than {MAX_KEY_FILE} bytes")
     return parse_keys(data.decode("ascii", "replace"), path)
+
+
+def load_keys(path: str) -> dict[int, bytes]:
+    """Read a key file (a private regular file of root or this user; see _open_key_file)."""
+    fd = _open_key_file(path, os.O_RDONLY)
+    try:
+        return _read_keys(fd, path)
+    finally:
+        os.close(fd)
 
 
 def add_key(path: str) -> int:
@@ -108,17 +149,29 @@ def add_key(path: str) -> int:
 
     New tokens use it at once (after a restart or reload); older keys stay, so
     older tokens can still be decoded. Delete old lines when those tokens may go.
+    An existing file is checked as load_keys checks it, through the same descriptor
+    that is then appended to; a new one is created with O_EXCL, never through a link.
     """
-    keys: dict[int, bytes] = {}
-    if os.path.lexists(path):
-        keys = load_keys(path)
-    key_id = max(keys, default=0) % 255 + 1
-    if key_id in keys:
-        raise TokenError(f"{path}: key id {key_id} is in use; remove old keys first")
-    line = f"{key_id}:{base64.urlsafe_b64encode(os.urandom(KEY_BYTES)).decode()}\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(line)
+    try:
+        fd = _open_key_file(path, os.O_RDWR | os.O_APPEND)
+        keys = _read_keys(fd, path)
+    except TokenError:
+        if os.path.lexists(path):
+            raise
+        fd = os.open(
+            path,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+        keys = {}
+    try:
+        key_id = max(keys, default=0) % 255 + 1
+        if key_id in keys:
+            raise TokenError(f"{path}: key id {key_id} is in use; remove old keys first")
+        line = f"{key_id}:{base64.urlsafe_b64encode(os.urandom(KEY_BYTES)).decode()}\n"
+        os.write(fd, line.encode("ascii"))
+    finally:
+        os.close(fd)
     return key_id
 
 

@@ -89,3 +89,55 @@ def _restore_procident_logger() -> Iterator[None]:
     saved = (list(logger.handlers), logger.level, logger.propagate)
     yield
     logger.handlers[:], logger.level, logger.propagate = saved
+
+
+# -- a test account whose home directory is real, for the daemon's eyes only --------
+
+CLONE_NEWNS = 0x00020000
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+
+
+def _call(libc, result: int) -> None:
+    import ctypes
+
+    if result != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+@pytest.fixture
+def home(workdir: Path) -> Path:
+    """The home directory of the test account `pidtest` (harness.USER_UID), owned by it."""
+    from harness import USER_UID
+
+    path = workdir / "pidtest"
+    path.mkdir()
+    os.chown(path, USER_UID, USER_UID)
+    return path
+
+
+@pytest.fixture
+def accounts(workdir: Path, home: Path):
+    """A preexec function that gives the daemon passwd and group files with `pidtest`
+    (in a mount namespace of its own: the host's accounts are untouched)."""
+    import ctypes
+    import ctypes.util
+
+    from harness import USER_UID
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    passwd = workdir / "passwd"
+    group = workdir / "group"
+    passwd.write_text(
+        Path("/etc/passwd").read_text() + f"pidtest:x:{USER_UID}:{USER_UID}::{home}:/bin/false\n"
+    )
+    group.write_text(Path("/etc/group").read_text() + f"pidguests:x:{USER_UID}:\n")
+    for path in (passwd, group):
+        path.chmod(0o644)
+
+    def enter() -> None:  # runs in the daemon's process, before exec
+        _call(libc, libc.unshare(CLONE_NEWNS))
+        _call(libc, libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None))
+        _call(libc, libc.mount(bytes(passwd), b"/etc/passwd", None, MS_BIND, None))
+        _call(libc, libc.mount(bytes(group), b"/etc/group", None, MS_BIND, None))
+
+    return enter

@@ -23,6 +23,7 @@ from pathlib import Path
 from netns import setns
 
 STARTUP_TIMEOUT = 15.0
+USER_UID = 3001  # the test account `pidtest` of conftest's `accounts` fixture
 IO_TIMEOUT = 5.0
 SERVING = re.compile(r"serving on ([^\"\n]*)", re.M)  # text or JSON log lines
 

@@ -9,8 +9,6 @@ accounts.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import re
 import subprocess
@@ -20,51 +18,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import requires_root
-from harness import owned_connection, proc_status, wait_for
+from harness import USER_UID, owned_connection, proc_status, wait_for
 
 from procident.cli import main
 
 pytestmark = requires_root
 
-USER_UID = 3001
 SERVICE4 = ("127.0.0.1", 0)
-CLONE_NEWNS = 0x00020000
-MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
-def _call(result: int) -> None:
-    if result != 0:
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-
-
-@pytest.fixture
-def home(workdir: Path) -> Path:
-    path = workdir / "pidtest"
-    path.mkdir()
-    os.chown(path, USER_UID, USER_UID)
-    return path
-
-
-@pytest.fixture
-def accounts(workdir: Path, home: Path):
-    """A preexec function that gives the daemon passwd and group files with `pidtest`."""
-    passwd = workdir / "passwd"
-    group = workdir / "group"
-    passwd.write_text(
-        Path("/etc/passwd").read_text() + f"pidtest:x:{USER_UID}:{USER_UID}::{home}:/bin/false\n"
-    )
-    group.write_text(Path("/etc/group").read_text() + f"pidguests:x:{USER_UID}:\n")
-    for path in (passwd, group):
-        path.chmod(0o644)
-
-    def enter() -> None:  # runs in the daemon's process, before exec
-        _call(_libc.unshare(CLONE_NEWNS))
-        _call(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None))
-        _call(_libc.mount(bytes(passwd), b"/etc/passwd", None, MS_BIND, None))
-        _call(_libc.mount(bytes(group), b"/etc/group", None, MS_BIND, None))
-
-    return enter
 
 
 def ask_owned(daemon, uid: int = USER_UID, service=SERVICE4) -> tuple[bytes, bytes]:

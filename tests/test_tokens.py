@@ -92,7 +92,7 @@ def test_key_file_must_be_private(tmp_path: Path) -> None:
     path = tmp_path / "token.key"
     add_key(str(path))
     path.chmod(0o644)
-    with pytest.raises(TokenError, match="must not be readable by group or others"):
+    with pytest.raises(TokenError, match="must not be readable or writable by group or others"):
         load_keys(str(path))
 
 
