@@ -15,10 +15,12 @@ import logging
 import logging.handlers
 import os
 import pwd
+import re
 import socket
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -67,7 +69,7 @@ from procident.process import (
     remove_pid_file,
     write_pid_file,
 )
-from procident.protocol import ErrorReply, Query, UserIdReply, parse_reply
+from procident.protocol import ErrorReply, Query, UserIdReply, parse_reply, printable
 from procident.responder import (
     Accounts,
     FileReader,
@@ -182,8 +184,43 @@ def config_loader(
     return load
 
 
+class TextFormatter(logging.Formatter):
+    """Log lines whose text others may have written (a user's file, a client, a forward
+    target) cannot forge another line or drive a terminal: every control, separator and
+    format character of the message is escaped (protocol.printable). A traceback keeps
+    its lines, each indented, with the controls inside them escaped as well."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        text = super().formatException(ei)
+        return "\n".join("  " + printable(line) for line in text.splitlines())
+
+
+# What json.dumps(ensure_ascii=False) leaves raw but a terminal or a line reader takes as
+# a control: DEL, C1, separators and format characters, and lone surrogates.
+_JSON_RAW = re.compile(
+    "[\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff"
+    "\ufff9-\ufffb\ud800-\udfff\U000e0000-\U000e007f]"
+)
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return "".join(f"\\u{unit:04x}" for unit in _utf16_units(ord(match[0])))
+
+
+def _utf16_units(code: int) -> tuple[int, ...]:
+    if code < 0x10000:
+        return (code,)
+    code -= 0x10000
+    return (0xD800 + (code >> 10), 0xDC00 + (code & 0x3FF))
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, message, and an answer's fields."""
+    """One JSON object per line: time, level, message, and an answer's fields. Characters
+    that JSON may carry raw but a terminal would obey are written as \\u escapes."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -198,7 +235,7 @@ class JsonFormatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return _JSON_RAW.sub(_json_escape, json.dumps(entry, ensure_ascii=False))
 
 
 def setup_logging(config: LogConfig) -> None:
@@ -215,10 +252,10 @@ def setup_logging(config: LogConfig) -> None:
             raise click.ClickException(
                 f"cannot log to syslog at {config.syslog_socket}: {err.strerror or err}"
             ) from None
-        handler.setFormatter(logging.Formatter("procident[%(process)d]: %(message)s"))
+        handler.setFormatter(TextFormatter("procident[%(process)d]: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(message)s"))
     if config.format == "json":
         handler.setFormatter(JsonFormatter())
     for old in list(log.handlers):
@@ -483,17 +520,18 @@ def check_config(file: str, user: str | None) -> None:
     files = user_files_from(states, config.users)
     click.echo(f"user {user} (uid {account.pw_uid}), home {account.pw_dir}:")
     for name in USER_FILES:
-        click.echo(f"  ~/{name}: {_describe_state(states.get(name, FileState(ABSENT)))}")
+        state = _describe_state(states.get(name, FileState(ABSENT)))
+        click.echo(f"  ~/{name}: {printable(state)}")
     if files.choices is not None:
         click.echo(f"  choices read from {files.choices.path}:")
         for choice in (*files.choices.choices, files.choices.default):
             if choice is not None:
-                click.echo(f"    {choice.where}: {_describe_choice(choice)}")
+                click.echo(f"    {choice.where}: {printable(_describe_choice(choice))}")
     granted = [rule.name for rule in config.rules if rule.user_may]
     if files.choices is not None and not granted:
         click.echo("  note: no rule has user_may, so these choices are not used")
     for problem in files.problems:
-        click.echo(f"  problem: {problem}", err=True)
+        click.echo(f"  problem: {printable(problem)}", err=True)
     if files.problems:
         sys.exit(1)
 
@@ -578,10 +616,10 @@ def lookup(local: Endpoint, remote: Endpoint, config_path: str | None) -> None:
     elif answer.owner is not None:
         click.echo(f"owner:      {describe_owner(answer)}")
     for step in answer.trace:
-        click.echo(f"policy:     {step}")
-    click.echo(f"rule:       {answer.rule}")
-    line = answer.line or b""
-    click.echo(f"reply:      {line.decode('utf-8', 'backslashreplace').rstrip()}")
+        click.echo(f"policy:     {printable(step)}")
+    click.echo(f"rule:       {printable(answer.rule)}")
+    line = (answer.line or b"").rstrip(b"\r\n")
+    click.echo(f"reply:      {printable(line.decode('utf-8', 'surrogateescape'))}")
 
 
 # -- tokens -------------------------------------------------------------------
@@ -679,14 +717,16 @@ def query(host: str, server_port: int, client_port: int, port: int, timeout: flo
         sys.exit(EXIT_NO_ANSWER)
     reply = parsed.reply
     if isinstance(reply, UserIdReply):
+        # What a remote server sent: escaped, so it cannot drive the terminal.
         click.echo("type:    USERID")
-        click.echo(f"os:      {reply.os}")
+        click.echo(f"os:      {printable(reply.os)}")
         if reply.charset:
-            click.echo(f"charset: {reply.charset}")
-        click.echo(f"user id: {reply.user_id}")
+            click.echo(f"charset: {printable(reply.charset)}")
+        click.echo(f"user id: {printable(reply.user_id)}")
         return
     click.echo("type:    ERROR")
-    click.echo(f"error:   {reply.error.value if isinstance(reply, ErrorReply) else reply}")
+    error = reply.error.value if isinstance(reply, ErrorReply) else reply
+    click.echo(f"error:   {printable(error)}")
     sys.exit(1)
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import logging.handlers
+import re
+import reprlib
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from procident.lookup import ConnectionId, Endpoint
-from procident.protocol import ReplyError, check_token, check_user_id
+from procident.protocol import ReplyError, check_token, check_user_id, printable
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -279,29 +281,40 @@ def parse_endpoint(text: str) -> Endpoint:
     if text.startswith("["):
         host, bracket, port = text[1:].partition("]:")
         if not bracket:
-            raise ValueError(f"{text!r} is not [IPV6-ADDRESS]:PORT")
+            raise ValueError(f"{shown(text)} is not [IPV6-ADDRESS]:PORT")
     else:
         host, colon, port = text.rpartition(":")
         if not colon or ":" in host:
-            raise ValueError(f"{text!r} is not ADDRESS:PORT (write IPv6 as [::1]:113)")
+            raise ValueError(f"{shown(text)} is not ADDRESS:PORT (write IPv6 as [::1]:113)")
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError(f"{host!r} in {text!r} is not an IP address") from None
+        raise ValueError(f"{shown(host)} in {shown(text)} is not an IP address") from None
     if "[" in text and address.version != 6:
-        raise ValueError(f"{text!r}: brackets are for IPv6 addresses")
+        raise ValueError(f"{shown(text)}: brackets are for IPv6 addresses")
     if not (port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535):
-        raise ValueError(f"{port!r} in {text!r} is not a port from 0 to 65535")
+        raise ValueError(f"{shown(port)} in {shown(text)} is not a port from 0 to 65535")
     return Endpoint(address, int(port))
 
 
 # -- value checkers: each takes the TOML value and returns it checked ---------
 
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlist = _SHOWN.maxdict = 10
+_SHOWN.maxlevel = 3
+
+
+def shown(value: object) -> str:
+    """A value as an error message quotes it: its repr (which escapes control
+    characters), cut short, nesting included, so no file can make a message long."""
+    return _SHOWN.repr(value)
+
 
 def _integer(low: int, high: int) -> Callable[[object], int]:
     def check(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"must be a whole number from {low} to {high}, not {value!r}")
+            raise ValueError(f"must be a whole number from {low} to {high}, not {shown(value)}")
         return value
 
     return check
@@ -310,9 +323,9 @@ def _integer(low: int, high: int) -> Callable[[object], int]:
 def _number(low: float, high: float) -> Callable[[object], float]:
     def check(value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"must be a number from {low:g} to {high:g}, not {value!r}")
+            raise ValueError(f"must be a number from {low:g} to {high:g}, not {shown(value)}")
         if not low <= value <= high:
-            raise ValueError(f"must be a number from {low:g} to {high:g}, not {value!r}")
+            raise ValueError(f"must be a number from {low:g} to {high:g}, not {shown(value)}")
         return float(value)
 
     return check
@@ -320,14 +333,14 @@ def _number(low: float, high: float) -> Callable[[object], float]:
 
 def _boolean(value: object) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"must be true or false, not {value!r}")
+        raise ValueError(f"must be true or false, not {shown(value)}")
     return value
 
 
 def _choice(*choices: str) -> Callable[[object], str]:
     def check(value: object) -> str:
         if value not in choices:
-            raise ValueError(f"must be one of {', '.join(map(repr, choices))}, not {value!r}")
+            raise ValueError(f"must be one of {', '.join(map(repr, choices))}, not {shown(value)}")
         return str(value)
 
     return check
@@ -335,7 +348,7 @@ def _choice(*choices: str) -> Callable[[object], str]:
 
 def _name(value: object) -> str:
     if not isinstance(value, str) or not value or any(c in value for c in ":\0\n"):
-        raise ValueError(f"must be a user or group name, not {value!r}")
+        raise ValueError(f"must be a user or group name, not {shown(value)}")
     return value
 
 
@@ -346,7 +359,7 @@ def _optional_name(value: object) -> str:
 def _token(what: str, empty_ok: bool = False) -> Callable[[object], str]:
     def check(value: object) -> str:
         if not isinstance(value, str):
-            raise ValueError(f"must be a string, not {value!r}")
+            raise ValueError(f"must be a string, not {shown(value)}")
         if empty_ok and value == "":
             return value
         try:
@@ -359,11 +372,11 @@ def _token(what: str, empty_ok: bool = False) -> Callable[[object], str]:
 
 def _user_id(value: object) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"must be a string, not {value!r}")
+        raise ValueError(f"must be a string, not {shown(value)}")
     try:
         check_user_id(value)
     except ReplyError as err:
-        raise ValueError(f"{value!r} cannot be sent: {err}") from None
+        raise ValueError(f"{shown(value)} cannot be sent: {err}") from None
     return value
 
 
@@ -376,7 +389,7 @@ def _list_of(check: Callable[[object], T], what: str) -> Callable[[object], tupl
 
     def check_list(value: object) -> tuple[T, ...]:
         if not isinstance(value, list):
-            raise ValueError(f"must be a list of {what}, not {value!r}")
+            raise ValueError(f"must be a list of {what}, not {shown(value)}")
         items: list[T] = []
         for index, item in enumerate(value):
             try:
@@ -396,13 +409,13 @@ def parse_network(text: str) -> IPNetwork:
         try:
             loose = ipaddress.ip_network(text, strict=False)
         except ValueError:
-            raise ValueError(f"{text!r} is not an IP address or network: {err}") from None
-        raise ValueError(f"{text!r} has host bits set; did you mean {str(loose)!r}?") from None
+            raise ValueError(f"{shown(text)} is not an IP address or network: {err}") from None
+        raise ValueError(f"{shown(text)} has host bits set; did you mean {str(loose)!r}?") from None
 
 
 def _network(value: object) -> IPNetwork:
     if not isinstance(value, str):
-        raise ValueError(f'must be a string such as "198.51.100.0/24", not {value!r}')
+        raise ValueError(f'must be a string such as "198.51.100.0/24", not {shown(value)}')
     return parse_network(value)
 
 
@@ -413,12 +426,12 @@ def parse_range(text: str, high: int, what: str) -> PortRange:
     for part in (low_text, high_text) if dash else (low_text,):
         part = part.strip()
         if not (part.isascii() and part.isdigit() and len(part) <= 10):
-            raise ValueError(f"{text!r} is not a {what} or a range LOW-HIGH")
+            raise ValueError(f"{shown(text)} is not a {what} or a range LOW-HIGH")
         bounds.append(int(part))
     low, top = bounds[0], bounds[-1]
     least = 1 if what == "port" else 0
     if not least <= low <= top <= high:
-        raise ValueError(f"{text!r} is not a {what} range from {least} to {high}, low first")
+        raise ValueError(f"{shown(text)} is not a {what} range from {least} to {high}, low first")
     return low, top
 
 
@@ -427,7 +440,7 @@ def _range(high: int, what: str) -> Callable[[object], PortRange]:
         if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
         if not isinstance(value, str):
-            raise ValueError(f'must be a {what} or a string "LOW-HIGH", not {value!r}')
+            raise ValueError(f'must be a {what} or a string "LOW-HIGH", not {shown(value)}')
         return parse_range(value, high, what)
 
     return check
@@ -435,10 +448,10 @@ def _range(high: int, what: str) -> Callable[[object], PortRange]:
 
 def _address(value: object) -> Endpoint:
     if not isinstance(value, str):
-        raise ValueError(f"must be a string ADDRESS:PORT, not {value!r}")
+        raise ValueError(f"must be a string ADDRESS:PORT, not {shown(value)}")
     endpoint = parse_endpoint(value)
     if endpoint.port == 0:
-        raise ValueError(f"{value!r}: port 0 cannot be asked")
+        raise ValueError(f"{shown(value)}: port 0 cannot be asked")
     return endpoint
 
 
@@ -446,7 +459,7 @@ def _optional_listen(value: object) -> str:
     if value == "":
         return ""
     if not isinstance(value, str):
-        raise ValueError(f"must be a string ADDRESS:PORT, or empty, not {value!r}")
+        raise ValueError(f"must be a string ADDRESS:PORT, or empty, not {shown(value)}")
     parse_endpoint(value)
     return value
 
@@ -457,7 +470,7 @@ def _optional_path(value: object) -> str:
 
 def _path(value: object) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
-        raise ValueError(f"must be an absolute path, not {value!r}")
+        raise ValueError(f"must be an absolute path, not {shown(value)}")
     return value
 
 
@@ -467,19 +480,21 @@ def _listen(value: object) -> tuple[Endpoint, ...]:
     endpoints: list[Endpoint] = []
     for index, item in enumerate(value):
         if not isinstance(item, str):
-            raise ValueError(f"[{index}]: must be a string ADDRESS:PORT, not {item!r}")
+            raise ValueError(f"[{index}]: must be a string ADDRESS:PORT, not {shown(item)}")
         try:
             endpoint = parse_endpoint(item)
         except ValueError as err:
             raise ValueError(f"[{index}]: {err}") from None
         if endpoint in endpoints:
-            raise ValueError(f"[{index}]: {item!r} is listed twice")
+            raise ValueError(f"[{index}]: {shown(item)} is listed twice")
         endpoints.append(endpoint)
     return tuple(endpoints)
 
 
 def _key_path(path: str, key: str) -> str:
-    """A key's path for messages: section.key, rules[2].key, or key at a file's top."""
+    """A key's path for messages: section.key, rules[2].key, or key at a file's top. The
+    key is whatever the file says (a user's file too): escaped and cut short."""
+    key = printable(key, 64)
     return f"{path}.{key}" if path else key
 
 
@@ -710,7 +725,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
             continue
         if name not in _SECTIONS:
             known = [*_SECTIONS, "rules"]
-            raise ConfigError(f"{source}: {_unknown(name, known, name)}")
+            raise ConfigError(f"{source}: {_unknown(name, known, printable(name, 64))}")
         cls, checkers = _SECTIONS[name]
         try:
             sections[name] = cls(**_checked_table(table, checkers, name, f"[{name}]"))
@@ -725,19 +740,94 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     return config
 
 
+# Python's TOML reader takes time quadratic in the number of parts of a dotted key
+# (a.a.a...: 4 s for 32 KiB); no configuration needs more than a few.
+MAX_KEY_PARTS = 16
+_TOML_MARKS = re.compile(r"[\"'#\n=,\[\]{}.]")
+
+
+def _string_end(text: str, start: int, quote: str) -> int:
+    """Where the string whose content starts at `start` ends (after its closing `quote`,
+    one character or three), or -1 if it never does. Basic strings (") honour backslash
+    escapes. Linear: each find starts past the last, and each backslash run is counted
+    once."""
+    escapes = quote[0] == '"'
+    at = start
+    while True:
+        found = text.find(quote, at)
+        if found < 0:
+            return -1
+        if escapes:
+            back = found
+            while back > start and text[back - 1] == "\\":
+                back -= 1
+            if (found - back) % 2:  # an escaped quote: look further
+                at = found + 1
+                continue
+        return found + len(quote)
+
+
+def toml_shape_problem(text: str) -> str:
+    """Why `text` must not be given to the TOML reader (a dotted key of more than
+    MAX_KEY_PARTS parts), or "". A linear scan that skips strings and comments."""
+    position, dots = 0, 0
+    while True:
+        mark = _TOML_MARKS.search(text, position)
+        if mark is None:
+            return ""
+        char, position = mark[0], mark.end()
+        if char == ".":
+            dots += 1
+            if dots >= MAX_KEY_PARTS:
+                line = text.count("\n", 0, position) + 1
+                return f"line {line}: a dotted key of more than {MAX_KEY_PARTS} parts"
+        elif char == "#":
+            end = text.find("\n", position)
+            if end < 0:
+                return ""
+            position = end
+        elif char in "\"'":
+            quote = char * 3 if text.startswith(char * 3, position - 1) else char
+            end = _string_end(text, position - 1 + len(quote), quote)
+            if end < 0:
+                return ""  # unterminated: the reader says so
+            position = end
+        else:
+            dots = 0
+
+
+def read_toml(text: str) -> dict[str, Any]:
+    """Parse TOML text that others may have written (the configuration, a user's
+    ~/.procident.toml). ValueError (tomllib.TOMLDecodeError among them) says why not,
+    in one line; no input takes more than linear time or raises anything else."""
+    problem = toml_shape_problem(text)
+    if problem:
+        raise ValueError(f"not usable: {problem}")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"not valid TOML: {err}") from None
+    except RecursionError:  # arrays or tables nested thousands deep
+        raise ValueError("not usable: nested too deeply") from None
+    except ValueError as err:  # an integer of thousands of digits, and the like
+        raise ValueError(f"not usable: {printable(str(err), 80)}") from None
+
+
 def load_config(path: str) -> Config:
     """Read and parse a TOML file; ConfigError says what is wrong and where."""
     try:
         with open(path, "rb") as file:
-            data = tomllib.load(file)
+            raw = file.read()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    try:
+        data = read_toml(raw.decode("utf-8"))
     except UnicodeDecodeError as err:  # TOML is UTF-8 (found by fuzz/fuzz_config.py)
         raise ConfigError(
             f"{path}: not UTF-8 text: byte {err.start} is {err.object[err.start]:#04x}"
         ) from None
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}") from None
     return parse_config(data, path)
 
 

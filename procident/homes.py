@@ -192,6 +192,8 @@ def user_files_from(states: dict[str, FileState], users: UsersConfig) -> UserFil
             problems.append(f"~/{name}: not UTF-8 text")
         except UserFileError as err:
             problems.append(f"~/{name}: {err}")
+        except Exception as err:  # a parser's bug must not make the user's file fatal
+            problems.append(f"~/{name}: cannot be parsed ({type(err).__name__})")
     return UserFiles(
         noident=states.get(NOIDENT, FileState(ABSENT)).status != ABSENT,
         ident=states.get(IDENT, FileState(ABSENT)).status in (PRESENT, CONTENT),

@@ -295,13 +295,26 @@ def check_spoof(
     """
     if user_id == owner.name:
         return ""
+    if user_id != user_id.strip():
+        return "leading or trailing white space"
     if "spoof" not in may:
         return "needs spoof"
     if conn.remote.port < PRIVILEGED_PORTS and "spoof_privport" not in may:
         return f"remote port {conn.remote.port} is below 1024: needs spoof_privport"
-    if "spoof_all" not in may and facts.is_account(user_id):
-        return f"{user_id!r} names another account: needs spoof_all"
+    if "spoof_all" not in may:
+        for name in read_as(user_id):
+            if name != owner.name and facts.is_account(name):
+                return f"{user_id[:40]!r} reads as {name!r}, another account: needs spoof_all"
     return ""
+
+
+def read_as(user_id: str) -> tuple[str, ...]:
+    """The names an ident client may take `user_id` for: clients strip white space, some
+    (Squid, s6) keep only what follows the last colon, and many compare without case.
+    So " secalice", "x:secalice" and "SECALICE" all read as "secalice"."""
+    forms = [user_id.strip(), user_id.rsplit(":", 1)[-1].strip()]
+    forms += [form.lower() for form in forms]
+    return tuple(dict.fromkeys(form for form in forms if form))
 
 
 def _user_act(

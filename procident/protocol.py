@@ -154,14 +154,56 @@ class QueryReader:
         return event
 
 
+# Characters that must never reach the wire in an id or token, nor a terminal or a log
+# line unescaped: C0 controls (NUL, CR, LF, ESC, VT, FF ...), DEL, C1 controls (NEL,
+# CSI ...) and the Unicode line and paragraph separators. In a user id read with
+# surrogateescape, raw octets 0x80 to 0x9F (C1 controls to an 8-bit terminal) too.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udc9f]")
+# For display, also what makes text look other than it is: the format characters
+# (zero-width, bidirectional overrides and isolates, BOM, tags) and lone surrogates.
+_UNPRINTABLE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
+    "\ufeff\ufff9-\ufffb\ud800-\udfff\U000e0000-\U000e007f]"
+)
+_CONTROL_NAMES = {0: "NUL", 10: "LF", 13: "CR", 27: "ESC", 11: "VT", 12: "FF", 0x85: "NEL"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match[0])
+    if 0xDC80 <= code <= 0xDCFF:  # a raw octet kept by surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def printable(text: str, limit: int = 0) -> str:
+    """`text` safe to print or log: every control, separator and format character written
+    as a backslash escape (\\x1b, \\u2028), so what others wrote can neither end a log
+    line nor drive a terminal; with `limit`, cut to that many characters and "...".
+    Fast when there is nothing to escape (the common case)."""
+    if limit and len(text) > limit:
+        text = text[:limit] + "..."
+    if _UNPRINTABLE.search(text) is None:
+        return text
+    return _UNPRINTABLE.sub(_escape, text)
+
+
 def check_user_id(user_id: str) -> bytes:
-    """Encode a user id for the wire, refusing what the RFC forbids (§6)."""
+    """Encode a user id for the wire, refusing what must not be sent (§6; PROTOCOL.md):
+    empty, a control character or separator (_CONTROL), or more than 512 octets."""
     raw = user_id.encode("utf-8", "surrogateescape")
     if not raw:
         raise ReplyError("the user id is empty")
-    for octet, name in ((0, "NUL"), (13, "CR"), (10, "LF")):
-        if octet in raw:
-            raise ReplyError(f"the user id contains {name}")
+    bad = _CONTROL.search(user_id)
+    if bad is not None:
+        code = ord(bad[0])
+        if code >= 0xDC00:
+            code -= 0xDC00
+        name = _CONTROL_NAMES.get(code, f"U+{code:04X}")
+        raise ReplyError(f"the user id contains the control character {name}")
     if len(raw) > MAX_USER_ID_OCTETS:
         raise ReplyError(
             f"the user id is {len(raw)} octets long; the limit is {MAX_USER_ID_OCTETS}"

@@ -39,6 +39,7 @@ from procident.protocol import (
     UserIdReply,
     format_reply,
     parse_reply,
+    printable,
 )
 from procident.tokens import TokenError, TokenMaker
 from procident.userfiles import UserFiles
@@ -133,6 +134,7 @@ def is_account(name: str) -> bool:
 
 NAME_TTL = 60.0  # seconds a uid's name (or its absence) is reused
 NAME_CACHE_SIZE = 4096  # uids remembered at most
+PROBLEM_LOG_INTERVAL = 10.0  # seconds between two lines about one user's unusable files
 
 
 class TimedCache(Generic[K, V]):
@@ -197,6 +199,8 @@ class Accounts:
         self.read_files = read_files
         self._groups = TimedCache(groups)
         self._accounts = TimedCache(account)
+        # uid -> (the problems last logged, when): see _report
+        self._reported: dict[int, tuple[tuple[str, ...], float]] = {}
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -221,12 +225,28 @@ class Accounts:
         try:
             states = self.read_files(uid, self.users.max_file_size)
         except Exception as err:  # the helper died or hangs: fail closed
-            log.error("cannot read the files of uid %d: %s", uid, err)
-            return UserFiles(problems=(f"cannot read: {err}",), unreadable=True)
-        files = user_files_from(states, self.users)
-        for problem in files.problems:
-            log.warning("uid %d: %s", uid, problem)
+            files = UserFiles(problems=(f"cannot read: {err}",), unreadable=True)
+        else:
+            files = user_files_from(states, self.users)
+        self._report(uid, files.problems)
         return files
+
+    def _report(self, uid: int, problems: tuple[str, ...]) -> None:
+        """One short line for what cannot be used of a user's files: when it changes, and
+        else at most once per cache period (and PROBLEM_LOG_INTERVAL), however often the
+        files are read; a file cannot flood the log."""
+        if not problems:
+            self._reported.pop(uid, None)
+            return
+        now = self.now
+        interval = max(float(self.users.cache_seconds), PROBLEM_LOG_INTERVAL)
+        last = self._reported.get(uid)
+        if last is not None and last[0] == problems and now - last[1] < interval:
+            return
+        if len(self._reported) >= NAME_CACHE_SIZE:
+            self._reported.clear()
+        self._reported[uid] = (problems, now)
+        log.warning("uid %d: %s", uid, printable("; ".join(problems), 300))
 
 
 class Responder:
@@ -540,7 +560,8 @@ def forwarded_reply(
     The application's answer is read like any reply (protocol.parse_reply) and
     must be about the same port pair; its id passes the one validator again
     when formatted. When the forward was a user's choice, the id must also be
-    one the user may send (policy.check_spoof). A forward that fails gives
+    one the user may send (policy.check_spoof), and an error (which conceals the
+    owner as hiding does) needs the user's hide capability. A forward that fails gives
     UNKNOWN-ERROR for a rule's forward; for a user's, HIDDEN-USER if the user
     may hide, else the owner's name (as oidentd does).
     """
@@ -551,7 +572,12 @@ def forwarded_reply(
     reply: Reply | None = None
     answered, note = read_answer(line, failure, plan.ask)
     if isinstance(answered, ErrorReply):
-        reply = answered
+        # Any error conceals the owner: from a user's own application it stands only
+        # where the user may hide (else the fallback below names them).
+        if may is None or "hide" in may:
+            reply = answered
+        else:
+            note = f"answer ERROR:{answered.error.value} refused: needs hide"
     elif answered is not None:
         user_id = answered.user_id
         refusal = ""

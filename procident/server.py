@@ -56,7 +56,8 @@ ACCEPT_BATCH = 64  # connections taken per readable listener, so no listener sta
 ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE and the like
 REFUSAL_LOG_INTERVAL = 10.0
 MAX_SCRAPERS = 8  # metrics connections open at once
-SCRAPE_TIMEOUT = 5.0  # seconds a metrics client has to send its request
+MAX_SCRAPERS_PER_CLIENT = 2  # of them, from one client (an IPv4 address, an IPv6 /64)
+SCRAPE_TIMEOUT = 1.0  # seconds a metrics client has to send its request
 MAX_OVERFLOW = 64  # connections over a cap kept open at once to be answered UNKNOWN-ERROR
 # Sections bound at start: listeners and the account (root is gone by a
 # reload), the lookup backend, the token key (readable by root only), and the
@@ -188,8 +189,9 @@ class Server:
         self.metrics = Metrics(getattr(getattr(responder, "backend", None), "name", "?"))
         responder.on_lookup = self.metrics.lookup
         self.metrics_listener = metrics_listener
-        # Metrics clients: connection -> (request so far, deadline); a few, briefly.
-        self.scrapers: dict[socket.socket, tuple[bytes, float]] = {}
+        # Metrics clients: connection -> (request so far, deadline, client key); a few,
+        # briefly, oldest first.
+        self.scrapers: dict[socket.socket, tuple[bytes, float, object]] = {}
         self.next_textfile = clock() if config.metrics.textfile else None
         self.responder = responder
         self.listeners = listeners
@@ -292,7 +294,7 @@ class Server:
             deadlines.append(self.resume_accepting_at)
         if self.next_textfile is not None:
             deadlines.append(self.next_textfile)
-        deadlines += [deadline for _, deadline in self.scrapers.values()]
+        deadlines += [deadline for _, deadline, _ in self.scrapers.values()]
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - self.clock())
@@ -320,7 +322,7 @@ class Server:
             log.debug("closing %s: idle for %ds", session.peer, self.config.limits.idle_timeout)
             self.metrics.timed_out += 1
             self._close(session)
-        for scraper, (_, deadline) in list(self.scrapers.items()):
+        for scraper, (_, deadline, _) in list(self.scrapers.items()):
             if deadline <= now:
                 self._close_scraper(scraper)
         if self.next_textfile is not None and now >= self.next_textfile:
@@ -362,6 +364,10 @@ class Server:
             config = self.reload()
         except ConfigError as err:
             log.error("reload failed, keeping the current configuration: %s", err)
+            self.notifier.notify("READY=1", "STATUS=reload failed; serving as before")
+            return
+        except Exception:  # a bug in reading it must not end the daemon either
+            log.exception("reload failed, keeping the current configuration")
             self.notifier.notify("READY=1", "STATUS=reload failed; serving as before")
             return
         self.apply(config)
@@ -420,22 +426,30 @@ class Server:
             log.error("cannot write metrics to %s: %s", path, err.strerror)
 
     def _accept_scraper(self, mask: int) -> None:
+        """Take a metrics client. The newest always gets a slot: one that holds connections
+        open without asking (slots last SCRAPE_TIMEOUT) loses its own oldest once it holds
+        MAX_SCRAPERS_PER_CLIENT, and the oldest of all goes when MAX_SCRAPERS are open; so
+        idle connections, from one address or a few, cannot keep monitoring out."""
         assert self.metrics_listener is not None
         try:
-            sock, _ = self.metrics_listener.accept()
-        except OSError:
+            sock, address = self.metrics_listener.accept()
+            key = client_key(endpoint_from_sockaddr(address).address)
+        except (OSError, ValueError):
             return
-        if len(self.scrapers) >= MAX_SCRAPERS:
-            sock.close()
-            return
+        own = [other for other, (_, _, owner) in self.scrapers.items() if owner == key]
+        if len(own) >= MAX_SCRAPERS_PER_CLIENT:
+            self._close_scraper(own[0])
+        elif len(self.scrapers) >= MAX_SCRAPERS:
+            self._close_scraper(next(iter(self.scrapers)))
         sock.setblocking(False)
-        self.scrapers[sock] = (b"", self.clock() + SCRAPE_TIMEOUT)
+        self.scrapers[sock] = (b"", self.clock() + SCRAPE_TIMEOUT, key)
         self.selector.register(
             sock, selectors.EVENT_READ, functools.partial(self._on_scraper, sock)
         )
+        self._on_scraper(sock, selectors.EVENT_READ)  # the request is often there already
 
     def _on_scraper(self, sock: socket.socket, mask: int) -> None:
-        request, deadline = self.scrapers[sock]
+        request, deadline, key = self.scrapers[sock]
         try:
             data = sock.recv(MAX_HTTP_REQUEST)
         except (BlockingIOError, InterruptedError):
@@ -445,7 +459,7 @@ class Server:
         request += data
         response = http_response(request, self.render_metrics()) if data else None
         if response is None and data and len(request) < MAX_HTTP_REQUEST:
-            self.scrapers[sock] = (request, deadline)
+            self.scrapers[sock] = (request, deadline, key)
             return
         if response is not None:
             with contextlib.suppress(OSError):

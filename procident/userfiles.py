@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,15 +22,13 @@ from procident.config import (
     _list_of,
     _network,
     _range,
+    _string_end,
     _user_id,
     connection_mismatch,
+    read_toml,
+    shown,
 )
 from procident.lookup import ConnectionId, Endpoint
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
 
 # The files, relative to the home directory, in the order they are looked for.
 NOIDENT = ".noident"
@@ -99,13 +96,13 @@ class UserFiles:
 def _loopback_forward(value: object) -> Endpoint:
     endpoint = _address(value)
     if not endpoint.address.is_loopback:
-        raise ValueError(f"{value!r}: a user may forward only to a loopback address")
+        raise ValueError(f"{shown(value)}: a user may forward only to a loopback address")
     return endpoint
 
 
 def _user_action(value: object) -> str:
     if value not in USER_ACTIONS:
-        raise ValueError(f"must be one of {', '.join(USER_ACTIONS)}, not {value!r}")
+        raise ValueError(f"must be one of {', '.join(USER_ACTIONS)}, not {shown(value)}")
     return str(value)
 
 
@@ -150,14 +147,14 @@ def parse_procident_file(text: str, path: str = "~/" + PROCIDENT_FILE) -> Choice
     for some connections (match keys as in the system rules), first match wins.
     """
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise UserFileError(f"not valid TOML: {err}") from None
+        data = read_toml(text)
+    except ValueError as err:
+        raise UserFileError(str(err)) from None
     default = _choice_from(data, "", path, top=True) if "action" in data else None
     if default is None:
         stray = [k for k in data if k != "rules"]
         if stray:
-            raise UserFileError(f"{stray[0]}: without an action at the top level")
+            raise UserFileError(f"{_key_path('', stray[0])}: without an action at the top level")
     rules = data.get("rules", [])
     if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
         raise UserFileError("rules: must be an array of tables [[rules]]")
@@ -172,9 +169,14 @@ def parse_procident_file(text: str, path: str = "~/" + PROCIDENT_FILE) -> Choice
 
 # -- oidentd's user files, as ZNC, The Lounge, Quassel and eggdrop write them --
 
-# A token: a quoted string (with C escapes), a brace, or a bare word.
-_OIDENTD_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|([{}])|([^\s{}"]+)', re.S)
-_COMMENTS = re.compile(r'"(?:[^"\\]|\\.)*"|#[^\n]*|/\*.*?\*/', re.S)
+# The tokens of an oidentd file, one match at a time from where the last one ended: white
+# space, a comment (# to the end of the line, or /* to */, found with str.find), a quoted
+# string (with C escapes), a brace, or a bare word. Each step consumes what it matched and
+# no pattern can rescan past its own end, so a file of any content is read in linear time.
+_OIDENTD_TOKEN = re.compile(
+    r'(\s+)|(#[^\n]*)|(/\*)|(")|([{}])'  # white space, comments, a string, a brace
+    r'|([^\s{}"#/]+(?:/(?!\*)[^\s{}"#/]*)*|/)'  # a word: anything else, up to a "/*"
+)
 _ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
 _ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{1,2}|[0-7]{1,3}|.)", re.S)
 _STATEMENTS = {
@@ -188,7 +190,7 @@ _STATEMENTS = {
 def _unescape(text: str) -> str:
     def one(match: re.Match[str]) -> str:
         code = match[1]
-        if code[0] == "x":
+        if code[0] == "x" and len(code) > 1:  # a bare \x is an x (found by fuzzing)
             return chr(int(code[1:], 16))
         if code[0] in "01234567":
             return chr(int(code, 8) & 0xFF)
@@ -198,35 +200,33 @@ def _unescape(text: str) -> str:
 
 
 def _oidentd_tokens(text: str) -> list[tuple[str, str, int]]:
-    """(kind, value, line): kind is "string", "brace" or "word"."""
-
-    def blank(match: re.Match[str]) -> str:
-        found = match[0]
-        if found.startswith('"'):
-            return found
-        return re.sub(r"[^\n]", " ", found)  # keep line numbers
-
-    text = _COMMENTS.sub(blank, text)
+    """(kind, value, line): kind is "string", "brace" or "word"; comments are dropped."""
     tokens: list[tuple[str, str, int]] = []
     position = 0
     line = 1  # of `position`; counted as the scan moves, never from the start again
-    for match in _OIDENTD_TOKEN.finditer(text):
-        gap = text[position : match.start()].strip()
-        if gap.startswith('"'):
-            raise UserFileError(f"line {line}: unterminated string")
-        if gap:
-            raise UserFileError(f"line {line}: cannot read {gap[:20]!r}")
-        line += text.count("\n", position, match.start())
-        if match[1] is not None:
-            tokens.append(("string", _unescape(match[1]), line))
-        elif match[2] is not None:
-            tokens.append(("brace", match[2], line))
+    end = len(text)
+    while position < end:
+        match = _OIDENTD_TOKEN.match(text, position)
+        assert match is not None  # the last alternative takes any other character
+        start = position
+        if match[3] is not None:  # /* ... */
+            close = text.find("*/", position + 2)
+            if close < 0:
+                raise UserFileError(f"line {line}: comment not closed with '*/'")
+            position = close + 2
+        elif match[4] is not None:  # a quoted string
+            close = _string_end(text, position + 1, '"')
+            if close < 0:
+                raise UserFileError(f"line {line}: unterminated string")
+            tokens.append(("string", _unescape(text[position + 1 : close - 1]), line))
+            position = close
         else:
-            tokens.append(("word", match[3], line))
-        line += match[0].count("\n")  # a quoted string may span lines
-        position = match.end()
-    if text[position:].strip():
-        raise UserFileError(f"line {line}: unterminated string")
+            position = match.end()
+            if match[5] is not None:
+                tokens.append(("brace", match[5], line))
+            elif match[6] is not None:
+                tokens.append(("word", match[6], line))
+        line += text.count("\n", start, position)
     return tokens
 
 
@@ -240,11 +240,11 @@ def _oidentd_port(text: str, line: int) -> PortRange:
             raise ValueError
     except ValueError:
         raise UserFileError(
-            f"line {line}: port {text!r} is not a number or range MIN:MAX "
+            f"line {line}: port {shown(text)} is not a number or range MIN:MAX "
             "(service names are not read)"
         ) from None
     if not 1 <= bounds[0] <= bounds[1] <= 65535:
-        raise UserFileError(f"line {line}: port range {text!r} is outside 1 to 65535")
+        raise UserFileError(f"line {line}: port range {shown(text)} is outside 1 to 65535")
     return bounds
 
 
@@ -253,7 +253,7 @@ def _oidentd_host(text: str, line: int) -> IPNetwork:
         address = ipaddress.ip_address(text)
     except ValueError:
         raise UserFileError(
-            f"line {line}: host {text!r} is not an IP address (host names are not read)"
+            f"line {line}: host {shown(text)} is not an IP address (host names are not read)"
         ) from None
     return ipaddress.ip_network(address)
 
@@ -280,7 +280,7 @@ def parse_oidentd_file(text: str, path: str = "~/.oidentd.conf") -> ChoiceFile:
             while i < len(tokens) and tokens[i][0] != "brace":
                 kind, word, line = tokens[i]
                 if word not in ("to", "fport", "from", "lport") or i + 1 >= len(tokens):
-                    raise UserFileError(f"line {line}: unexpected {word!r}")
+                    raise UserFileError(f"line {line}: unexpected {shown(word)}")
                 value = tokens[i + 1][1]
                 if word in ("to", "from"):
                     filters.setdefault(word, []).append(_oidentd_host(value, line))
@@ -345,6 +345,6 @@ def _oidentd_statement(body: list[tuple[str, str, int]], line: int, where: str) 
     if word in _STATEMENTS and len(body) == 1:
         return Choice(_STATEMENTS[word], where=where)
     raise UserFileError(
-        f"line {body[0][2]}: {word!r} is not read here "
+        f"line {body[0][2]}: {shown(word)} is not read here "
         "(only reply, hide, random, random_numeric and numeric, one per block)"
     )

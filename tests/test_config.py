@@ -87,7 +87,7 @@ def test_values_are_read(tmp_path: Path) -> None:
         ({"rules": [{"action": "reply", "reply": []}]}, "rules[0].reply: must hold 1 to 255 ids"),
         (
             {"rules": [{"action": "reply", "reply": ["ok", "a\r\nb"]}]},
-            "rules[0].reply[1]: 'a\\r\\nb' cannot be sent: the user id contains CR",
+            "rules[0].reply[1]: 'a\\r\\nb' cannot be sent: the user id contains the control character CR",
         ),
         (
             {"rules": [{"action": "reply", "reply": "x" * 513}]},
@@ -95,7 +95,7 @@ def test_values_are_read(tmp_path: Path) -> None:
         ),
         (
             {"rules": [{"action": "reply", "reply": "a\u0000b"}]},
-            "rules[0].reply[0]: 'a\\x00b' cannot be sent: the user id contains NUL",
+            "rules[0].reply[0]: 'a\\x00b' cannot be sent: the user id contains the control character NUL",
         ),
         (
             {"rules": [{"action": "forward"}]},
@@ -141,7 +141,7 @@ def test_values_are_read(tmp_path: Path) -> None:
         ({"rules": [5]}, "rules[0]: must be a table [[rules]]"),
         (
             {"reply": {"reply_all": "a\nb"}},
-            "reply.reply_all: 'a\\nb' cannot be sent: the user id contains LF",
+            "reply.reply_all: 'a\\nb' cannot be sent: the user id contains the control character LF",
         ),
         ({"reply": {"fallback": 5}}, "reply.fallback: must be a string"),
         ({"limits": {"per_client_rate": -1}}, "limits.per_client_rate: must be a number from 0"),
@@ -212,7 +212,7 @@ def test_values_are_read(tmp_path: Path) -> None:
         ({"nat": {"map": [{"hosts": ["10.0.0.0/8"]}]}}, 'nat.map[0]: action = "reply" needs'),
         (
             {"nat": {"map": [{"hosts": ["10.0.0.0/8"], "reply": "a:b\n"}]}},
-            "nat.map[0].reply[0]: 'a:b\\n' cannot be sent: the user id contains LF",
+            "nat.map[0].reply[0]: 'a:b\\n' cannot be sent: the user id contains the control character LF",
         ),
         (
             {"nat": {"map": [{"hosts": ["10.0.0.0/8"], "action": "hide", "os": "UNIX"}]}},

@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 from conftest import requires_root
 from harness import USER_UID, owned_connection, proc_status, wait_for

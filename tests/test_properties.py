@@ -1,5 +1,6 @@
 """Properties that hold for any input (Hypothesis): the query reader, the reply
-formatter, the config loader and the /proc parser."""
+formatter, the config loader and the /proc parser; and every parser's known worst
+inputs (fuzz/worst_cases.py) give a result or the parser's planned error."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import re
 import string
 import sys
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -90,7 +92,7 @@ def test_reader_overlong_line(data: bytes) -> None:
 REPLY_LINE = re.compile(
     rb"[0-9]{1,5},[0-9]{1,5}:(?:ERROR:(?:INVALID-PORT|NO-USER|HIDDEN-USER|UNKNOWN-ERROR)"
     rb"|USERID:[\x21-\x2b\x2d-\x39\x3b-\x7e]{1,64}(?:,[\x21-\x2b\x2d-\x39\x3b-\x7e]{1,64})?"
-    rb":[^\x00\r\n]{1,512})\r\n"
+    rb":[^\x00-\x1f\x7f]{1,512})\r\n"
 )
 
 
@@ -104,13 +106,15 @@ REPLY_LINE = re.compile(
 )
 def test_formatter_output_is_always_rfc(server_port, client_port, user_id, os, charset) -> None:
     """Whatever the id and tokens, the formatter either refuses them (ReplyError) or
-    writes a line of the RFC grammar: one line, no NUL, id of 1 to 512 octets."""
+    writes a line of the RFC grammar: one line, id of 1 to 512 octets without a C0 or C1
+    control character, DEL or a Unicode line or paragraph separator."""
     try:
         line = format_reply(server_port, client_port, UserIdReply(user_id, os, charset))
     except ReplyError:
         return
     assert REPLY_LINE.fullmatch(line), line
     assert line.count(b"\n") == 1
+    assert not re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029]", user_id)
 
 
 @SETTINGS
@@ -308,3 +312,21 @@ def test_conntrack_round_trip(case: tuple[str, list[Endpoint]]) -> None:
     expected = [Endpoint(normalize_address(e.address), e.port) for e in ends]
     got = [tracked.original.src, tracked.original.dst, tracked.reply.src, tracked.reply.dst]
     assert got == expected
+
+
+# -- the worst inputs known for each parser ------------------------------------
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent.parent / "fuzz"))
+import worst_cases  # noqa: E402
+
+WORST = [(parser, case) for parser, cases in worst_cases.CASES.items() for case in cases]
+
+
+@pytest.mark.parametrize(("parser", "case"), WORST, ids=[f"{p}-{c}" for p, c in WORST])
+@pytest.mark.parametrize("size", [1, 1000, 65536])
+def test_worst_cases_give_a_result_or_the_planned_error(parser, case, size, tmp_path) -> None:
+    """Each worst case, at a few sizes up to 64 KiB, gives a result or the error the parser
+    plans for bad input (UserFileError, ConfigError, ValueError), never another exception
+    (parse lets any other through); and that error is said on one line."""
+    answer = worst_cases.parse(parser, worst_cases.CASES[parser][case](size), str(tmp_path))
+    assert answer and "\n" not in answer and "\r" not in answer

@@ -100,7 +100,7 @@ def test_invalid_user_id_never_reaches_the_wire(caplog: pytest.LogCaptureFixture
     """A name with LF is caught by the validator: UNKNOWN-ERROR, not an injected line."""
     answer = responder({CONN: entry(1001)}).respond(QUERY, CONN, 0.0)
     assert answer.line == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n"
-    assert b"mallory" not in answer.line and "contains LF" in caplog.text
+    assert b"mallory" not in answer.line and "control character LF" in caplog.text
 
 
 def test_passwd_name() -> None:

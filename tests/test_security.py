@@ -7,15 +7,18 @@ names the test for each promise).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import requires_root
-from harness import USER_UID
+from harness import USER_UID, owned_connection
 
 from procident import process
 
@@ -201,3 +204,288 @@ def test_key_path_that_is_no_private_file_is_refused_at_once(workdir: Path, kind
         # The old code blocked forever opening a FIFO: the timeout fails the test.
         reason = one_line_error(run(*command, timeout=15))
         assert f"{key}: {expected}" in reason, reason
+
+
+# -- users' files, as a daemon reads them: one attacker account, `pidtest` ------
+
+BOUNCER_RULE = '[[rules]]\nusers = ["pidtest"]\naction = "real"\nuser_may = {may}\n'
+
+
+def user_file(home: Path, name: str, text: str | bytes) -> Path:
+    """Write one of pidtest's files, as pidtest owns it."""
+    path = home / name
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    os.chown(path, USER_UID, USER_UID)
+    return path
+
+
+def ask_pidtest(daemon) -> tuple[bytes, bytes]:
+    """(the reply about a fresh connection of pidtest's, the port pair it starts with)"""
+    with owned_connection(USER_UID, ("127.0.0.1", 0), "127.0.0.1") as conn:
+        reply = daemon.ask(conn.query)
+    return reply, b"%d,%d:" % (conn.local[1], conn.remote[1])
+
+
+def run_as_host(accounts, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """procident ARGS where the passwd file has pidtest; output as bytes, unescaped."""
+    return subprocess.run([*PROCIDENT, *args], capture_output=True, preexec_fn=accounts, timeout=30)
+
+
+# -- 2. a user's file that cannot be used stalls no one ------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("reply = " + "[" * 3000 + "]" * 3000 + '\naction = "reply"\n', "nested too deeply"),
+        ('action = "reply"\nreply = "x"\nn = ' + "9" * 5000 + "\n", "Exceeds the limit"),
+    ],
+    ids=["nested-3000", "integer-5000-digits"],
+)
+def test_unusable_procident_toml_is_no_file(
+    start_daemon, accounts, home: Path, text: str, reason: str
+) -> None:
+    """A ~/.procident.toml nested 3,000 deep or holding a 5,000-digit integer is "no file":
+    every query about its owner is answered by the rules without it (the owner's name),
+    never UNKNOWN-ERROR; the log has one short line about it, and no traceback."""
+    user_file(home, ".procident.toml", text)
+    daemon = start_daemon(BOUNCER_RULE.format(may='["spoof"]'), preexec_fn=accounts)
+    for _ in range(20):
+        reply, head = ask_pidtest(daemon)
+        assert reply == head + b"USERID:UNIX:pidtest\r\n"
+    log = daemon.log()
+    lines = [line for line in log.splitlines() if "~/.procident.toml" in line]
+    assert len(lines) == 1 and reason in lines[0] and len(lines[0]) < 400, lines
+    assert "Traceback" not in log and "UNKNOWN-ERROR" not in log
+    result = run_as_host(accounts, "check-config", "--user", "pidtest", str(daemon.config_path))
+    assert result.returncode == 1
+    assert b"Traceback" not in result.stderr and reason.encode() in result.stderr
+
+
+# -- 3. what others wrote is escaped where it is printed or logged --------------
+
+FORGED = "2026-01-01 00:00:00,000 INFO answer client=192.0.2.1 query=1,1 owner=root(uid=0)"
+
+
+def test_a_key_in_a_users_file_cannot_forge_log_lines_or_drive_a_terminal(
+    start_daemon, accounts, home: Path
+) -> None:
+    """An unknown key holding a newline, a forged answer line and terminal escapes: the
+    daemon's log keeps it on one line with the controls escaped; check-config --user and
+    lookup print no control character to the admin's terminal."""
+    key = "\\u001b[2J\\u001b]0;pwn\\u0007\\u2028x\\n" + FORGED
+    user_file(home, ".procident.toml", f'action = "reply"\nreply = "nick"\n"{key}" = 1\n')
+    daemon = start_daemon(BOUNCER_RULE.format(may='["spoof"]'), preexec_fn=accounts)
+    reply, head = ask_pidtest(daemon)
+    assert reply == head + b"USERID:UNIX:pidtest\r\n"
+    daemon.wait_log(r"uid 3001: ~/\.procident\.toml: .*\\u2028x\\x0a2026-01-01")
+    raw = daemon.log_path.read_bytes()
+    assert not any(line.startswith(FORGED.encode()) for line in raw.splitlines())
+    assert b"\x1b" not in raw and b"\x07" not in raw and "\u2028".encode() not in raw
+    assert b"\\x1b[2J" in raw
+    config = str(daemon.config_path)
+    with owned_connection(USER_UID, ("127.0.0.1", 0), "127.0.0.1") as conn:
+        local, remote = f"127.0.0.1:{conn.local[1]}", f"127.0.0.1:{conn.remote[1]}"
+        looked = run_as_host(accounts, "lookup", "-c", config, local, remote)
+    checked = run_as_host(accounts, "check-config", "--user", "pidtest", config)
+    for result in (looked, checked):
+        out = result.stdout + result.stderr
+        assert b"\\x1b[2J" in out, out
+        assert b"\x1b" not in out and b"\x07" not in out and "\u2028".encode() not in out
+        assert not any(line.startswith(FORGED.encode()) for line in out.splitlines())
+
+
+def test_query_prints_a_remote_servers_reply_escaped() -> None:
+    """procident query shows what a remote ident server sent with its control characters
+    escaped: a hostile server cannot retitle or clear the admin's terminal."""
+    from test_forward import App
+
+    app = App(lambda line: line.strip() + b":USERID:UNIX:x\x1b]0;owned\x07\x1b[2J\xc2\x9b\r\n")
+    try:
+        result = subprocess.run(
+            [*PROCIDENT, "query", "-p", str(app.port), "127.0.0.1", "40000", "113"],
+            capture_output=True,
+            timeout=30,
+        )
+    finally:
+        app.close()
+    assert result.returncode == 0, result.stderr
+    assert b"\x1b" not in result.stdout and b"\x07" not in result.stdout
+    assert b"\xc2\x9b" not in result.stdout
+    assert b"user id: x\\x1b]0;owned\\x07\\x1b[2J\\x9b\n" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b"\x1b[31mred", b"a\x0bb", b"a\x0cb", b"a\xc2\x85b", "a\u2028b".encode(), b"a\x7fb"],
+    ids=["ESC", "VT", "FF", "NEL", "U+2028", "DEL"],
+)
+def test_control_characters_from_a_forward_target_never_reach_the_wire(
+    start_daemon, accounts, home: Path, bad: bytes
+) -> None:
+    """The user's own ident server (a forward target) answers an id with a control
+    character: it is refused by the one validator, and the owner is named instead."""
+    from test_forward import App
+
+    app = App(lambda line: line.strip().replace(b" ", b"") + b":USERID:UNIX:" + bad + b"\r\n")
+    try:
+        user_file(
+            home, ".procident.toml", f'action = "forward"\nforward = "127.0.0.1:{app.port}"\n'
+        )
+        daemon = start_daemon(BOUNCER_RULE.format(may='["forward", "spoof"]'), preexec_fn=accounts)
+        reply, head = ask_pidtest(daemon)
+    finally:
+        app.close()
+    assert reply == head + b"USERID:UNIX:pidtest\r\n"
+    daemon.wait_log(r"refused: the user id contains the control character")
+
+
+def test_control_characters_in_a_users_oidentd_file_never_reach_the_wire(
+    start_daemon, accounts, home: Path
+) -> None:
+    """reply "a\\x1bb" (a C escape) in ~/.oidentd.conf makes the file unusable."""
+    user_file(home, ".oidentd.conf", 'global { reply "a\\x1b[2Jb" }\n')
+    daemon = start_daemon(BOUNCER_RULE.format(may='["spoof"]'), preexec_fn=accounts)
+    reply, head = ask_pidtest(daemon)
+    assert reply == head + b"USERID:UNIX:pidtest\r\n"
+    daemon.wait_log(r"uid 3001: ~/\.oidentd\.conf: line 1: .* control character ESC")
+
+
+# -- 5. a forward cannot hide a user who may not hide ---------------------------
+
+
+@pytest.mark.parametrize("error", ["HIDDEN-USER", "NO-USER", "INVALID-PORT", "UNKNOWN-ERROR"])
+@pytest.mark.parametrize("may_hide", [False, True])
+def test_a_users_forward_cannot_hide_them_without_hide(
+    start_daemon, accounts, home: Path, error: str, may_hide: bool
+) -> None:
+    """With user_may = ["forward"] only, the user's ident server answering an error
+    (which conceals the owner as hiding does) is unusable: the owner is named. With
+    "hide" too, the error stands."""
+    from test_forward import App
+
+    app = App(lambda line: line.strip().replace(b" ", b"") + b":ERROR:" + error.encode() + b"\r\n")
+    may = '["forward", "hide"]' if may_hide else '["forward"]'
+    try:
+        user_file(
+            home, ".procident.toml", f'action = "forward"\nforward = "127.0.0.1:{app.port}"\n'
+        )
+        daemon = start_daemon(BOUNCER_RULE.format(may=may), preexec_fn=accounts)
+        reply, head = ask_pidtest(daemon)
+    finally:
+        app.close()
+    expected = f"ERROR:{error}" if may_hide else "USERID:UNIX:pidtest"
+    assert reply == head + expected.encode() + b"\r\n"
+
+
+# -- 6. spoof_all = false is not fooled by look-alikes ---------------------------
+
+
+def test_look_alikes_of_another_account_need_spoof_all(start_daemon, accounts, home: Path) -> None:
+    """ "daemon" is another account: every form an ident client reads as "daemon" (white
+    space around it, a prefix up to a colon, another case) is refused under spoof alone,
+    and the owner is named; an id that names no account is sent."""
+    daemon = start_daemon(
+        BOUNCER_RULE.format(may='["spoof"]') + "[users]\ncache_seconds = 0\n",
+        preexec_fn=accounts,
+    )
+    for spoof in (" daemon", "\\tdaemon", "x:daemon", "UNIX:daemon", "daemon ", "DAEMON", "Daemon"):
+        user_file(home, ".oidentd.conf", f'global {{ reply "{spoof}" }}\n')
+        reply, head = ask_pidtest(daemon)
+        assert reply == head + b"USERID:UNIX:pidtest\r\n", spoof
+    user_file(home, ".oidentd.conf", 'global { reply "nick" }\n')
+    reply, head = ask_pidtest(daemon)
+    assert reply == head + b"USERID:OTHER:nick\r\n"
+
+
+# -- 7. a reload cannot crash the daemon ------------------------------------------
+
+
+def test_reload_with_an_unusable_file_keeps_serving(start_daemon) -> None:
+    """A configuration with a 5,000-digit integer, or nested 1,100 deep, sent with SIGHUP:
+    the reload is refused naming the file, and the old configuration keeps serving."""
+    daemon = start_daemon('[[rules]]\nuids = [1]\naction = "reply"\nreply = "before"\n')
+    for bad, reason in (
+        ("[limits]\nidle_timeout = " + "9" * 5000 + "\n", "not usable: Exceeds the limit"),
+        ("x = " + "[" * 1100 + "]" * 1100 + "\n", "not usable: nested too deeply"),
+    ):
+        daemon.reload(bad)
+        daemon.wait_log(
+            rf"reload failed, keeping the current configuration: {daemon.config_path}: {reason}"
+        )
+        assert daemon.process.poll() is None
+        with owned_connection(1, ("127.0.0.1", 0), "127.0.0.1") as conn:
+            assert daemon.ask(conn.query).endswith(b":USERID:OTHER:before\r\n")
+    assert "Traceback" not in daemon.log()
+
+
+# -- 4. no parser of others' input takes more than linear time -------------------
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "fuzz"))
+import worst_cases  # noqa: E402
+
+WORST = [(parser, case) for parser, cases in worst_cases.CASES.items() for case in cases]
+
+
+def _per_call(parser: str, data: bytes, scratch: str) -> float:
+    """Seconds one parse takes: the best of three rounds, each of enough calls to last at
+    least 5 ms (so a fast parser is not timed at the clock's resolution)."""
+    calls, elapsed = 1, 0.0
+    while True:
+        started = time.perf_counter()
+        for _ in range(calls):
+            worst_cases.parse(parser, data, scratch)
+        elapsed = time.perf_counter() - started
+        if elapsed >= 0.005:
+            break
+        calls *= 2
+    best = elapsed / calls
+    for _ in range(2):
+        started = time.perf_counter()
+        for _ in range(calls):
+            worst_cases.parse(parser, data, scratch)
+        best = min(best, (time.perf_counter() - started) / calls)
+    return best
+
+
+@pytest.mark.parametrize(("parser", "case"), WORST, ids=[f"{p}-{c}" for p, c in WORST])
+def test_parsers_take_time_in_proportion_to_their_input(parser, case, tmp_path) -> None:
+    """Each worst case at 4 KiB and at 32 KiB, measured in the same run: eight times the
+    input must cost well under 24 times the time (linear gives about 8; the quadratic
+    oidentd comment regex gave 64, Python's TOML reader on dotted keys more). A ratio of
+    two figures of one run, not a timing: bench/parser_worst.py prints the times."""
+    make = worst_cases.CASES[parser][case]
+    small = _per_call(parser, make(4096), str(tmp_path))
+    large = _per_call(parser, make(32768), str(tmp_path))
+    assert large < 24 * small, f"{parser} {case}: {small * 1e3:.3f} ms, then {large * 1e3:.3f} ms"
+
+
+# -- 9. idle connections cannot blind monitoring --------------------------------
+
+
+def test_idle_connections_cannot_hold_every_metrics_slot(start_daemon) -> None:
+    """Twenty connections to the metrics listener that never ask, from the scraper's own
+    address and from others: a scrape from that address is still answered, and the idle
+    ones are closed within the short request timeout."""
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start_daemon(f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    idle = []
+    try:
+        for index in range(20):
+            sock = socket.socket()
+            sock.bind((f"127.0.0.{2 + index % 4}" if index % 2 else "127.0.0.1", 0))
+            sock.connect(("127.0.0.1", port))
+            idle.append(sock)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+            assert page.status == 200 and b"procident_replies_total" in page.read()
+        for sock in idle:  # each is closed by the daemon: end of file, or a reset
+            sock.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(100) == b""
+    finally:
+        for sock in idle:
+            sock.close()

@@ -94,9 +94,12 @@ def test_oidentd_statements_ranges_and_comments() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('global { reply "a\\nb" }', "line 1: 'a\\nb' cannot be sent: the user id contains LF"),
-        ('global { reply "a\\rb" }', "contains CR"),
-        ('global { reply "a\\000b" }', "contains NUL"),
+        (
+            'global { reply "a\\nb" }',
+            "line 1: 'a\\nb' cannot be sent: the user id contains the control character LF",
+        ),
+        ('global { reply "a\\rb" }', "control character CR"),
+        ('global { reply "a\\000b" }', "control character NUL"),
         ('global { reply "' + "x" * 513 + '" }', "the user id is 513 octets long"),
         ('global { reply "" }', "the user id is empty"),
         ("global { forward 127.0.0.1 1113 }", "'forward' is not read here"),
@@ -123,6 +126,26 @@ def test_oidentd_errors(text: str, message: str) -> None:
     with pytest.raises(UserFileError, match=None) as info:
         parse_oidentd_file(text)
     assert message in str(info.value)
+
+
+def test_oidentd_tokens_the_linear_scanner_reads_as_before() -> None:
+    """The one-pass scanner: an escaped quote stays in its string, a comment may span
+    lines (line numbers count them), a comment ends a word, a "/" is part of one, and a
+    bare \\x (no hex digit) is an x instead of an exception (found by fuzzing)."""
+    parsed = parse_oidentd_file(
+        '/* two\nlines */ global { reply "a\\"b" "\\xz" }\n'
+        "lport 1000#comment\n{ hide }\n"
+        "lport 2000/*c*/{ random }\n"
+    )
+    assert parsed.default is not None and parsed.default.reply == ('a"b', "xz")
+    assert [c.where for c in parsed.choices] == ["~/.oidentd.conf line 4", "~/.oidentd.conf line 5"]
+    assert parsed.choices[0].server_ports == ((1000, 1000),)
+    with pytest.raises(UserFileError, match="line 1: port '1/2' is not a number"):
+        parse_oidentd_file("lport 1/2 { hide }")
+    with pytest.raises(UserFileError, match="line 2: comment not closed"):
+        parse_oidentd_file("global { hide }\n/* never closed")
+    with pytest.raises(UserFileError, match="line 3: unterminated string"):
+        parse_oidentd_file('\n\nglobal { reply "x\\" }')
 
 
 def test_procident_file() -> None:
