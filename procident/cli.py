@@ -391,7 +391,8 @@ def serve(
     if reads_user_files(config):
         if os.geteuid() == 0 and not config.server.keep_root:
             helper = HomeHelper()  # keeps root to read home directories; see homes.py
-            read_files = helper.read
+            if inetd:
+                read_files = helper.read  # one connection: it may wait for the helper
             log.info("user files are read by helper process %d", helper.pid)
         else:
             read_files = read_home_files
@@ -414,7 +415,7 @@ def serve(
             log.warning(
                 "log.target, log.format and the syslog settings take effect at the next start"
             )
-        if reads_user_files(new) and read_files is None:
+        if reads_user_files(new) and read_files is None and helper is None:
             log.warning("user files are read only if the configuration at start reads them")
         if new.nat.enabled and conntrack is None:
             raise ConfigError(
@@ -428,7 +429,8 @@ def serve(
             )
         return new
 
-    accounts = Accounts(config, read_files)
+    # The loop never waits on the helper: it asks, and takes the answer when it comes.
+    accounts = Accounts(config, read_files, helper=None if inetd else helper)
     responder = Responder(backend, config, accounts=accounts, tokens=tokens, conntrack=conntrack)
     if client is not None:
         try:

@@ -9,7 +9,11 @@ account's, so it can never read anything the account itself could not. Each
 file is opened without following a symbolic link, must be a regular file owned
 by the account (or root), not writable by others, and no larger than the cap.
 
-The daemon asks over a socketpair and waits at most HELPER_TIMEOUT seconds.
+The daemon asks over a socketpair and never waits for the answer: its event loop
+sends the request (HomeHelper.ask), goes on serving, and takes the answer when the
+socket is readable (collect); a query waiting for it is answered without the file after
+HELPER_TIMEOUT seconds. `serve --inetd`, one connection per process, asks and waits
+(read).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 USER_FILES = (NOIDENT, IDENT, PROCIDENT_FILE, *OIDENTD_FILES)
 _PRESENCE_ONLY = (NOIDENT, IDENT)
 HELPER_TIMEOUT = 1.0
+MAX_OUTSTANDING = 256  # requests asked from the loop and not answered yet
 MAX_REQUEST_SIZE = 32  # a request number, a uid and a size cap
 # status of one file in a reply
 ABSENT, PRESENT, CONTENT, REFUSED = 0, 1, 2, 3
@@ -230,6 +235,9 @@ class HomeHelper:
             os._exit(code)
         child.close()
         self.requests = 0
+        # Requests asked from the loop and not answered yet: number -> (uid, when sent).
+        self.outstanding: dict[int, tuple[int, float]] = {}
+        self.gone = False
 
     def read(self, uid: int, max_size: int) -> dict[str, FileState]:
         """The states of the files of `uid`; HelperError if the helper fails to answer
@@ -255,6 +263,63 @@ class HomeHelper:
             return decode_states(data[_REPLY_HEAD.size :])
         except ValueError as err:
             raise HelperError(str(err)) from None
+
+    # -- asked from the event loop: never waits ---------------------------------
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def ask(self, uid: int, max_size: int, now: float) -> bool:
+        """Send a request for `uid`'s files without waiting (one at a time per uid); False
+        when it cannot be sent (the helper is gone, or MAX_OUTSTANDING are unanswered)."""
+        if self.gone:
+            return False
+        if any(asked == uid for asked, _ in self.outstanding.values()):
+            return True
+        if len(self.outstanding) >= MAX_OUTSTANDING:
+            return False
+        self.requests += 1
+        try:
+            self.sock.send(_REQUEST.pack(self.requests, uid, max_size), socket.MSG_DONTWAIT)
+        except OSError:  # the helper is gone, or not reading at all
+            return False
+        self.outstanding[self.requests] = (uid, now)
+        return True
+
+    def collect(self) -> list[tuple[int, dict[str, FileState] | None]]:
+        """The answers that have come, without waiting: (uid, states), states None when
+        the answer was malformed. Answers to no outstanding request are dropped: an
+        answer is only ever used for the request it carries the number of."""
+        answers: list[tuple[int, dict[str, FileState] | None]] = []
+        while not self.gone:
+            try:
+                data = self.sock.recv(
+                    _REPLY_HEAD.size + len(USER_FILES) * (65536 + 512), socket.MSG_DONTWAIT
+                )
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self.gone = True  # it exited: every later ask fails at once
+                break
+            if len(data) < _REPLY_HEAD.size:
+                continue
+            asked = self.outstanding.pop(_REPLY_HEAD.unpack_from(data)[0], None)
+            if asked is None:
+                continue
+            try:
+                answers.append((asked[0], decode_states(data[_REPLY_HEAD.size :])))
+            except ValueError:
+                answers.append((asked[0], None))
+        return answers
+
+    def overdue(self, now: float) -> bool:
+        """Whether a request has gone unanswered for HELPER_TIMEOUT: the helper is stuck
+        (a hung NFS home directory), so asking more would only make more clients wait."""
+        return self.gone or any(
+            now - sent >= HELPER_TIMEOUT for _, sent in self.outstanding.values()
+        )
 
     def close(self) -> None:
         """Stop the helper: it exits when its end of the socket closes."""

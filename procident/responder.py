@@ -20,7 +20,7 @@ from typing import Generic, TypeVar
 
 from procident import policy
 from procident.config import Config, ReplyConfig
-from procident.homes import FileState, user_files_from
+from procident.homes import HELPER_TIMEOUT, FileState, HomeHelper, user_files_from
 from procident.lookup import (
     Backend,
     ConnectionId,
@@ -83,7 +83,8 @@ class Answer:
     """What was decided for one query, and why.
 
     line is None while a forward is outstanding: the server asks `forward.target`
-    and calls Responder.finish_forward with what came back.
+    and calls Responder.finish_forward with what came back; and while the owner's
+    files are being read (`pending`, their uid): the server asks again once they came.
     """
 
     line: bytes | None  # the reply line as sent, CR LF included
@@ -93,6 +94,7 @@ class Answer:
     owner: policy.Owner | None = None
     forward: Forward | None = None
     trace: tuple[str, ...] = field(default=(), compare=False)
+    pending: int | None = None  # the uid whose files are awaited
 
 
 def passwd_name(uid: int) -> str | None:
@@ -159,11 +161,15 @@ class TimedCache(Generic[K, V]):
         if cached is not None and now < cached[1]:
             return cached[0]
         value = self.lookup(key)
-        self._values.pop(key, None)  # re-inserted last: the dict stays in expiry order
+        self.put(key, value, now)  # re-inserted last: the dict stays in expiry order
+        return value
+
+    def put(self, key: K, value: V, now: float) -> None:
+        """Remember `value` for `key` as of `now`, as get would have."""
+        self._values.pop(key, None)
         if len(self._values) >= self.size:
             del self._values[next(iter(self._values))]
         self._values[key] = (value, now + self.ttl)
-        return value
 
 
 class UserNames(TimedCache[int, "str | None"]):
@@ -185,8 +191,25 @@ class UserNames(TimedCache[int, "str | None"]):
 FileReader = Callable[[int, int], dict[str, FileState]]  # (uid, max size) -> states
 
 
+class FilesPending(Exception):
+    """A user's files are being read by the helper: the query waits for them (or for
+    HELPER_TIMEOUT), and other queries go on meanwhile."""
+
+    def __init__(self, uid: int) -> None:
+        super().__init__(uid)
+        self.uid = uid
+
+
 class Accounts:
-    """policy.Facts from passwd, group and the users' files, each cached for a while."""
+    """policy.Facts from passwd, group and the users' files, each cached for a while.
+
+    Users' files come from `read_files` (a blocking call: inetd mode, the CLI) or from
+    `helper`, asked from the event loop without waiting: user_files then raises
+    FilesPending, the server calls `collect` when the helper's answers come, or
+    `give_up` for a uid whose answer is late (its queries are then answered without the
+    files, as if unreadable), and `settle` once the waiting queries are answered; every
+    other query goes on in the meantime.
+    """
 
     def __init__(
         self,
@@ -194,9 +217,14 @@ class Accounts:
         read_files: FileReader | None = None,
         groups: Callable[[str], frozenset[str]] = account_groups,
         account: Callable[[str], bool] = is_account,
+        helper: HomeHelper | None = None,
     ) -> None:
         self.now = 0.0
         self.read_files = read_files
+        self.helper = helper
+        # uid -> the files that came (or the verdict that they will not in time), for
+        # the queries that waited for them
+        self._fresh: dict[int, UserFiles] = {}
         self._groups = TimedCache(groups)
         self._accounts = TimedCache(account)
         # uid -> (the problems last logged, when): see _report
@@ -219,7 +247,57 @@ class Accounts:
     def user_files(self, owner: policy.Owner) -> UserFiles:
         return self._files.get(owner.uid, self.now)
 
+    def collect(self, now: float) -> list[int]:
+        """Take the helper's answers that have come; the uids they are for. Each serves
+        the queries waiting for it (until `settle`), and is cached like any read."""
+        assert self.helper is not None
+        self.now = now
+        uids = []
+        for uid, states in self.helper.collect():
+            if states is None:
+                files = UserFiles(problems=("malformed answer of the helper",), unreadable=True)
+            else:
+                files = user_files_from(states, self.users)
+            self._report(uid, files.problems)
+            self._fresh[uid] = files
+            self._files.put(uid, files, now)
+            uids.append(uid)
+        return uids
+
+    def give_up(self, uid: int) -> None:
+        """The helper has not answered about `uid` in time: the queries waiting for it are
+        answered without the files (until `settle`); its answer is still taken if it comes."""
+        files = UserFiles(
+            problems=(f"not read in time: the helper did not answer in {HELPER_TIMEOUT:g}s",),
+            unreadable=True,
+        )
+        self._report(uid, files.problems)
+        self._fresh[uid] = files
+
+    def settle(self, uid: int) -> None:
+        """The queries that waited for `uid`'s files are answered."""
+        self._fresh.pop(uid, None)
+
+    def _from_helper(self, uid: int) -> UserFiles:
+        assert self.helper is not None
+        fresh = self._fresh.get(uid)
+        if fresh is not None:
+            return fresh
+        if self.helper.overdue(self.now):
+            # Stuck on another user's files: ask (the answer is cached when it comes), but
+            # make no one wait behind them.
+            self.helper.ask(uid, self.users.max_file_size, self.now)
+            files = UserFiles(problems=("not read: the helper is not answering",), unreadable=True)
+        elif not self.helper.ask(uid, self.users.max_file_size, self.now):
+            files = UserFiles(problems=("not read: the helper cannot be asked",), unreadable=True)
+        else:
+            raise FilesPending(uid)
+        self._report(uid, files.problems)
+        return files
+
     def _read(self, uid: int) -> UserFiles:
+        if self.helper is not None:
+            return self._from_helper(uid)
         if self.read_files is None:
             return UserFiles(problems=("user files are not read here",), unreadable=True)
         try:
@@ -354,6 +432,8 @@ class Responder:
             reply = policy.mask(reply, reply_config)
             line = format_reply(query.server_port, query.client_port, reply)
             return Answer(line, reply, decision.rule, found, owner, trace=decision.trace)
+        except FilesPending as pending:
+            return Answer(None, None, "users.pending", found, owner, pending=pending.uid)
         except Ambiguous as err:
             log.warning("cannot answer about %s: %s", _describe(conn), err)
             rule = f"nat: {err}"

@@ -26,6 +26,7 @@ from types import FrameType
 from procident._exchange import MALFORMED_REPLY
 from procident.config import Config, ConfigError
 from procident.forward import ForwardClient, ForwardFailed
+from procident.homes import HELPER_TIMEOUT
 from procident.lookup import ConnectionId, Endpoint, IPAddress, endpoint_from_sockaddr
 from procident.metrics import MAX_HTTP_REQUEST, Metrics, http_response, write_textfile
 from procident.policy import UNKNOWN_ERROR, RateLimiter, allowed, client_key
@@ -147,6 +148,7 @@ class Session:
         "refused",
         "asked_at",
         "held",
+        "awaiting",
     )
 
     def __init__(self, sock: socket.socket, peer: Endpoint, local: IPAddress, deadline: float):
@@ -169,6 +171,8 @@ class Session:
         self.refused = ""
         self.asked_at = 0.0  # when the query being answered was read
         self.held = b""  # a reply kept back until [reply] min_response_time has passed
+        # A query whose owner's files the helper is reading: (query, uid).
+        self.awaiting: tuple[Query, int] | None = None
 
 
 class Server:
@@ -208,6 +212,11 @@ class Server:
         self.forwards: OrderedDict[Session, float] = OrderedDict()
         # Inner connections (NAT) being asked about -> how many forwards ask: the loop guard.
         self.nat_asking: dict[tuple[Endpoint, Endpoint], int] = {}
+        # Sessions whose query waits for the helper to read a user's files: uid -> them,
+        # and uid -> when to answer without the files, in order (one timeout for all).
+        self.file_waits: dict[int, list[Session]] = {}
+        self.file_deadlines: OrderedDict[int, float] = OrderedDict()
+        self.helper = getattr(getattr(responder, "accounts", None), "helper", None)
         # Replies kept back by [reply] min_response_time: (due, order, session).
         self.held: list[tuple[float, int, Session]] = []
         self.held_count = 0
@@ -227,6 +236,8 @@ class Server:
         if metrics_listener is not None:
             metrics_listener.setblocking(False)
             self.selector.register(metrics_listener, selectors.EVENT_READ, self._accept_scraper)
+        if self.helper is not None:
+            self.selector.register(self.helper, selectors.EVENT_READ, self._on_helper)
 
     # -- the loop -------------------------------------------------------------
 
@@ -270,6 +281,8 @@ class Server:
             self.write_textfile()
         for scraper in list(self.scrapers):
             self._close_scraper(scraper)
+        if self.helper is not None and not self.helper.gone:
+            self.selector.unregister(self.helper)
         if self.metrics_listener is not None:
             self.selector.unregister(self.metrics_listener)
             self.metrics_listener.close()
@@ -288,6 +301,8 @@ class Server:
             deadlines.append(next(iter(self.sessions)).deadline)
         if self.forwards:
             deadlines.append(next(iter(self.forwards.values())))
+        if self.file_deadlines:
+            deadlines.append(next(iter(self.file_deadlines.values())))
         if self.held:
             deadlines.append(self.held[0][0])
         if self.resume_accepting_at is not None:
@@ -310,6 +325,12 @@ class Server:
                 except Exception:
                     log.exception("unexpected error serving %s; closing it", session.peer)
                     self._close(session)
+        while self.file_deadlines:
+            uid, deadline = next(iter(self.file_deadlines.items()))
+            if deadline > now:
+                break
+            self.responder.accounts.give_up(uid)
+            self._files_came(uid)
         while self.forwards:
             session, deadline = next(iter(self.forwards.items()))
             if deadline > now:
@@ -608,11 +629,12 @@ class Server:
             session.pending
             and not session.closing
             and session.forwarding is None
+            and session.awaiting is None
             and not session.held
             and len(session.output) < MAX_OUTPUT
         ):
             self._answer(session, session.pending.popleft())
-        busy = session.forwarding is not None or bool(session.held)
+        busy = session.forwarding is not None or session.awaiting is not None or bool(session.held)
         if session.refused == "max_queries_per_connection" and not session.pending and not busy:
             session.closing = True  # no query waits to hear it is one too many
         if session.closing and not busy:
@@ -677,14 +699,63 @@ class Server:
             )
             self._log_answer(session, event, line, "port-range")
         else:
-            answer = self._respond(session, event)
-            if answer.forward is not None:
-                self._forward(session, event, answer)
-                return
-            assert answer.line is not None
-            line = answer.line
-            self._log_answer(session, event, line, answer.rule, answer)
+            self._resolve(session, event)
+            return
         self._reply(session, line)
+
+    def _resolve(self, session: Session, query: Query) -> None:
+        """Answer a query that passed the limits: now, or once a forward or the owner's
+        files come (then this runs again)."""
+        answer = self._respond(session, query)
+        if answer.pending is not None:
+            uid = answer.pending
+            session.awaiting = (query, uid)
+            self.file_waits.setdefault(uid, []).append(session)
+            if uid not in self.file_deadlines:
+                self.file_deadlines[uid] = self.clock() + HELPER_TIMEOUT
+            return
+        if answer.forward is not None:
+            self._forward(session, query, answer)
+            return
+        assert answer.line is not None
+        self._log_answer(session, query, answer.line, answer.rule, answer)
+        self._reply(session, answer.line)
+
+    # -- users' files, read by the helper -------------------------------------
+
+    def _on_helper(self, mask: int) -> None:
+        assert self.helper is not None
+        for uid in self.responder.accounts.collect(self.clock()):
+            self._files_came(uid)
+        if self.helper.gone:
+            log.error("the user-file helper has exited; users' files are no longer read")
+            self.selector.unregister(self.helper)
+            for uid in list(self.file_deadlines):
+                self.responder.accounts.give_up(uid)
+                self._files_came(uid)
+
+    def _files_came(self, uid: int) -> None:
+        """The files of `uid` came, or will not in time: answer the queries waiting."""
+        self.file_deadlines.pop(uid, None)
+        waiting = self.file_waits.pop(uid, [])
+        try:
+            self._answer_waiting(waiting)
+        finally:
+            self.responder.accounts.settle(uid)
+
+    def _answer_waiting(self, waiting: list[Session]) -> None:
+        for session in waiting:
+            if session.awaiting is None or session not in self.sessions:
+                continue
+            query, _ = session.awaiting
+            session.awaiting = None
+            try:
+                self._resolve(session, query)
+                if session in self.sessions:
+                    self._advance(session)
+            except Exception:
+                log.exception("unexpected error serving %s; closing it", session.peer)
+                self._close(session)
 
     def _reply(self, session: Session, line: bytes) -> None:
         """Send the reply to a well-formed query, or keep it back until
@@ -820,6 +891,11 @@ class Server:
             return
         del self.sessions[session]
         self._drop_forward(session)
+        if session.awaiting is not None:
+            waiting = self.file_waits.get(session.awaiting[1], [])
+            if session in waiting:
+                waiting.remove(session)
+            session.awaiting = None
         session.held = b""  # its entry in self.held is skipped when due
         if session.refused in ("max_connections", "per_client_connections"):
             self.overflow -= 1

@@ -218,3 +218,49 @@ def test_a_late_answer_is_never_taken_for_the_next(monkeypatch) -> None:
         assert helper.read(2, 100)[".noident"] == FileState(ABSENT)
     finally:
         helper.close()
+
+
+def test_asked_from_the_loop_answers_go_to_their_own_uid() -> None:
+    """ask() sends and returns at once; collect() takes what has come, each answer for the
+    uid its request named, whatever the order; a slow request makes the helper overdue;
+    once the helper exits, collect() says it is gone and ask() fails at once."""
+    import os
+    import select
+    import signal
+    import time
+
+    from procident import homes
+
+    def slow_for_uid_1(uid: int, max_size: int) -> dict[str, FileState]:
+        if uid == 1:
+            time.sleep(homes.HELPER_TIMEOUT + 0.2)
+        return {".noident": FileState(PRESENT if uid == 1 else ABSENT)}
+
+    helper = HomeHelper(slow_for_uid_1)
+    try:
+        started = time.monotonic()
+        assert helper.ask(1, 100, started) and helper.ask(2, 100, started)
+        assert helper.ask(1, 100, started)  # already asked: not sent twice
+        assert len(helper.outstanding) == 2 and helper.collect() == []
+        answers: dict[int, object] = {}
+        while len(answers) < 2:
+            assert select.select([helper], [], [], 5)[0], "the helper did not answer"
+            answers.update(helper.collect())
+        assert helper.overdue(started + homes.HELPER_TIMEOUT) is False  # all answered
+        assert answers == {
+            1: {
+                name: FileState(PRESENT if name == ".noident" else ABSENT)
+                for name in homes.USER_FILES
+            },
+            2: {name: FileState(ABSENT) for name in homes.USER_FILES},
+        }
+        assert helper.ask(1, 100, time.monotonic())
+        assert not helper.overdue(time.monotonic())
+        assert helper.overdue(time.monotonic() + homes.HELPER_TIMEOUT)
+        os.kill(helper.pid, signal.SIGKILL)
+        os.waitpid(helper.pid, 0)
+        assert select.select([helper], [], [], 5)[0]
+        helper.collect()
+        assert helper.gone and not helper.ask(3, 100, time.monotonic())
+    finally:
+        helper.sock.close()

@@ -489,3 +489,69 @@ def test_idle_connections_cannot_hold_every_metrics_slot(start_daemon) -> None:
     finally:
         for sock in idle:
             sock.close()
+
+
+# -- 8. the loop never waits on the helper ----------------------------------------
+
+
+def test_a_stuck_helper_stalls_no_one(start_daemon, accounts, home: Path) -> None:
+    """The helper stopped, as on a hung NFS home directory: a query about pidtest (whose
+    file the rules read) waits for it, but a query about root asked after it is answered
+    first; pidtest's query is answered by the rules without the file once the helper is
+    late, and further queries do not wait for it at all. When the helper resumes, its
+    answer is used: pidtest's own choice is sent again."""
+    import select
+    import signal
+
+    from harness import read_line, wait_for
+
+    user_file(home, ".oidentd.conf", 'global { reply "nick" }\n')
+    daemon = start_daemon(
+        '[[rules]]\nusers = ["root"]\naction = "hide"\n'
+        + BOUNCER_RULE.format(may='["spoof"]')
+        + "[users]\ncache_seconds = 0\n",
+        preexec_fn=accounts,
+    )
+    helper = int(daemon.wait_log(r"user files are read by helper process (\d+)")[1])
+    reply, head = ask_pidtest(daemon)
+    assert reply == head + b"USERID:OTHER:nick\r\n"  # the helper works
+    os.kill(helper, signal.SIGSTOP)
+    try:
+        wait_for(lambda: "T" in Path(f"/proc/{helper}/stat").read_text().split()[2], 5)
+        with (
+            owned_connection(USER_UID, ("127.0.0.1", 0), "127.0.0.1") as mine,
+            owned_connection(0, ("127.0.0.1", 0), "127.0.0.1") as roots,
+        ):
+            first = daemon.connect()
+            first.sendall(mine.query)
+            second = daemon.connect()
+            second.sendall(roots.query)
+            order = []
+            while len(order) < 2:
+                ready, _, _ = select.select(
+                    [s for s in (first, second) if s not in order], [], [], 5
+                )
+                assert ready, "no reply in 5 s"
+                order += ready
+            assert order == [second, first], "root's query waited behind the helper"
+            assert read_line(second).endswith(b":ERROR:HIDDEN-USER\r\n")
+            assert read_line(first) == b"%d,%d:USERID:UNIX:pidtest\r\n" % (
+                mine.local[1],
+                mine.remote[1],
+            )
+            first.close()
+            second.close()
+        daemon.wait_log(r"uid 3001: not read in time: the helper did not answer in 1s")
+        # While it stays stopped, nobody waits for it: the answer is immediate.
+        reply, head = ask_pidtest(daemon)
+        assert reply == head + b"USERID:UNIX:pidtest\r\n"
+        daemon.wait_log(r"uid 3001: not read: the helper is not answering")
+    finally:
+        os.kill(helper, signal.SIGCONT)
+
+    def chosen_again() -> bool:
+        reply, head = ask_pidtest(daemon)
+        return reply == head + b"USERID:OTHER:nick\r\n"
+
+    wait_for(chosen_again, 10, interval=0.2)
+    assert "Traceback" not in daemon.log()
