@@ -1,5 +1,5 @@
 """python -m procident"""
 
-from procident.cli import main
+from procident.cli import run
 
-main()
+run()

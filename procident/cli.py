@@ -26,6 +26,8 @@ import click
 
 from procident import __version__
 from procident.config import (
+    DEFAULT_USER,
+    FALLBACK_USER,
     LOG_FORMATS,
     LOG_LEVELS,
     LOG_TARGETS,
@@ -59,11 +61,13 @@ from procident.lookup import (
 )
 from procident.lookup.conntrack import PATH, ConntrackTable
 from procident.process import (
+    SD_LISTEN_FDS_START,
     Notifier,
     PidFileError,
     PrivilegeError,
     activated_sockets,
     check_pid_file,
+    close_inherited_descriptors,
     daemonize,
     drop_privileges,
     remove_pid_file,
@@ -397,7 +401,9 @@ def serve(
         else:
             read_files = read_home_files
     try:
-        log.info(drop_privileges(config.server.user, config.server.group, config.server.keep_root))
+        fallback = FALLBACK_USER if config.server.user == DEFAULT_USER else ""
+        run_as = config.server
+        log.info(drop_privileges(run_as.user, run_as.group, run_as.keep_root, fallback))
     except PrivilegeError as err:
         if helper is not None:
             helper.close()
@@ -746,5 +752,18 @@ def _read_line(sock: socket.socket, limit: int = 4096) -> bytes:
     return line[:-1] if line.endswith(b"\r") else line
 
 
-if __name__ == "__main__":  # pragma: no cover
+def run() -> None:
+    """The `procident` program (console script and python -m procident): first close
+    every descriptor the starting process left open (but the listening sockets systemd
+    passes, LISTEN_FDS), so none stays with the daemon or reaches its helper; then the
+    commands. Tests that call `main` in their own process skip the closing."""
+    keep: frozenset[int] = frozenset()
+    count = os.environ.get("LISTEN_FDS", "")
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and count.isdigit():
+        keep = frozenset(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)))
+    close_inherited_descriptors(keep)
     main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

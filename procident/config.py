@@ -31,6 +31,10 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 PortRange = tuple[int, int]  # low, high; both included
 
 
+DEFAULT_USER = "procident"
+FALLBACK_USER = "nobody"  # for DEFAULT_USER on a host that has no such account yet
+
+
 class ConfigError(Exception):
     """A configuration that cannot be used; the message says where and why."""
 
@@ -43,7 +47,7 @@ class ServerConfig:
         Endpoint(ipaddress.IPv4Address("0.0.0.0"), 113),
         Endpoint(ipaddress.IPv6Address("::"), 113),
     )
-    user: str = "nobody"
+    user: str = DEFAULT_USER  # FALLBACK_USER where there is no such account
     group: str = ""  # empty: the user's primary group
     keep_root: bool = False
 

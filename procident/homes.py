@@ -33,6 +33,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from procident.config import UsersConfig
+from procident.process import (
+    CAP_SETGID,
+    CAP_SETUID,
+    keep_only_capabilities,
+    set_no_new_privileges,
+)
 from procident.userfiles import (
     IDENT,
     NOIDENT,
@@ -337,6 +343,11 @@ def _serve_helper(
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.setgroups([])
+    if os.geteuid() == 0:
+        # Root for one job: taking each user's uid and groups (CAP_SETUID, CAP_SETGID)
+        # to read as them. Nothing else: no reading past permissions, no other power.
+        keep_only_capabilities(frozenset({CAP_SETUID, CAP_SETGID}))
+    set_no_new_privileges()
     while True:
         request = sock.recv(MAX_REQUEST_SIZE)
         if not request:

@@ -7,6 +7,7 @@ daemon and its tests need it, and none of it is about ident.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import grp
 import logging
@@ -24,9 +25,80 @@ class PrivilegeError(Exception):
     """Privileges that could not be dropped as configured."""
 
 
-def drop_privileges(user: str, group: str, keep_root: bool) -> str:
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+CAP_SETGID, CAP_SETUID = 6, 7
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _prctl(option: int, arg: int, what: str) -> None:
+    if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+        code = ctypes.get_errno()
+        raise PrivilegeError(f"{what}: {os.strerror(code)}")
+
+
+def set_no_new_privileges() -> None:
+    """No program this process runs can gain privileges (set-user-ID files, file
+    capabilities): prctl(PR_SET_NO_NEW_PRIVS), which no one can undo."""
+    _prctl(PR_SET_NO_NEW_PRIVS, 1, "cannot set no-new-privileges")
+
+
+def keep_only_capabilities(keep: frozenset[int]) -> None:
+    """Keep only the capabilities `keep` of root's: in the effective and permitted sets
+    (capset(2)) and, where this process may change it, the bounding set; none inherited
+    or ambient. Without CAP_SETPCAP (systemd's CapabilityBoundingSet has already cut the
+    bounding set) the bounding set is left as it is."""
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as file:
+            last = int(file.read())
+    except (OSError, ValueError):
+        last = 63
+    for cap in range(last + 1):
+        if cap in keep or _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) == 0:
+            continue
+        code = ctypes.get_errno()
+        if code not in (errno.EPERM, errno.EINVAL):
+            raise PrivilegeError(f"cannot drop capability {cap}: {os.strerror(code)}")
+    _libc.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), 0, 0, 0)
+    mask = sum(1 << cap for cap in keep)
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)(
+        _CapData(mask & 0xFFFFFFFF, mask & 0xFFFFFFFF, 0), _CapData(mask >> 32, mask >> 32, 0)
+    )
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        raise PrivilegeError(f"cannot limit capabilities: {os.strerror(ctypes.get_errno())}")
+
+
+def close_inherited_descriptors(keep: frozenset[int] = frozenset()) -> None:
+    """Close every descriptor above standard error except `keep` (the sockets systemd
+    passed): whatever the starting process left open (a root-only file, a socket) must
+    not stay with the daemon once it runs unprivileged, nor reach the helper."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):  # the listing's own descriptor, gone by now
+                os.close(fd)
+
+
+def drop_privileges(user: str, group: str, keep_root: bool, fallback: str = "") -> str:
     """Become `user` (and `group`, or the user's primary group), with no supplementary
-    groups, and prove root cannot be regained. Return a sentence saying what happened."""
+    groups, and prove root cannot be regained; no program it runs can gain privileges.
+    Return a sentence saying what happened. With `fallback`, a host without `user` (the
+    default account, not created yet) gets that account instead, and a warning."""
     if os.geteuid() != 0:
         return f"running as uid {os.geteuid()}, gid {os.getegid()} (not started as root)"
     if keep_root:
@@ -34,7 +106,22 @@ def drop_privileges(user: str, group: str, keep_root: bool) -> str:
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
-        raise PrivilegeError(f"server.user: no user named {user!r} on this host") from None
+        if not fallback:
+            raise PrivilegeError(f"server.user: no user named {user!r} on this host") from None
+        log.warning(
+            "there is no account %r: running as %r, which every other process running as "
+            "%r may signal or trace; create the account: useradd --system --user-group "
+            "--no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin %s",
+            user,
+            fallback,
+            fallback,
+            user,
+        )
+        user = fallback
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            raise PrivilegeError(f"server.user: no user named {user!r} on this host") from None
     uid, gid = entry.pw_uid, entry.pw_gid
     if group:
         try:
@@ -57,6 +144,7 @@ def drop_privileges(user: str, group: str, keep_root: bool) -> str:
         pass
     else:
         raise PrivilegeError("root could be regained after dropping privileges")
+    set_no_new_privileges()
     return f"dropped privileges to user {user} (uid {uid}), gid {gid}"
 
 

@@ -44,7 +44,13 @@ class Daemon:
     """A procident serve process with its log file and listening addresses."""
 
     def __init__(
-        self, workdir: Path, config: str, listen: tuple[str, ...], extra_args=(), preexec_fn=None
+        self,
+        workdir: Path,
+        config: str,
+        listen: tuple[str, ...],
+        extra_args=(),
+        preexec_fn=None,
+        pass_fds=(),
     ):
         self.workdir = workdir
         self.config_path = workdir / "procident.toml"
@@ -57,7 +63,12 @@ class Daemon:
         args += ["--log-level", "debug", *extra_args]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=preexec_fn
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                preexec_fn=preexec_fn,
+                pass_fds=pass_fds,
             )
         self.addresses: dict[str, tuple[str, int]] = {}
         match = wait_for(self._serving, STARTUP_TIMEOUT)

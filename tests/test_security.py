@@ -555,3 +555,74 @@ def test_a_stuck_helper_stalls_no_one(start_daemon, accounts, home: Path) -> Non
 
     wait_for(chosen_again, 10, interval=0.2)
     assert "Traceback" not in daemon.log()
+
+
+# -- hardening: what each process keeps -------------------------------------------
+
+
+def test_the_helper_keeps_only_what_reading_users_files_needs(
+    start_daemon, accounts, home: Path, workdir: Path
+) -> None:
+    """Started outside systemd, with a root-only file and a socket left open by whoever
+    started it: the helper keeps root's CAP_SETUID and CAP_SETGID only (effective,
+    permitted and bounding), both processes have no-new-privileges, and neither holds
+    the inherited descriptors."""
+    from harness import proc_status
+
+    secret = secret_file(workdir)
+    leaked_file = os.open(secret, os.O_RDWR)
+    leaked_sock = socket.socket()
+    try:
+        daemon = start_daemon(
+            "[users]\nnoident = true\n",
+            preexec_fn=accounts,
+            pass_fds=(leaked_file, leaked_sock.fileno()),
+        )
+    finally:
+        os.close(leaked_file)
+        leaked_sock.close()
+    helper = int(daemon.wait_log(r"user files are read by helper process (\d+)")[1])
+    daemon.wait_log(r"dropped privileges to user ")
+    status = proc_status(helper)
+    both = 1 << 6 | 1 << 7  # CAP_SETGID, CAP_SETUID
+    for field in ("CapEff", "CapPrm", "CapBnd"):
+        assert int(status[field], 16) == both, (field, status[field])
+    assert int(status["CapInh"], 16) == 0 and int(status["CapAmb"], 16) == 0
+    assert status["NoNewPrivs"] == "1" and proc_status(daemon.pid)["NoNewPrivs"] == "1"
+    for pid in (daemon.pid, helper):
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        assert str(secret) not in links, (pid, links)
+    # ... and it still reads users' files as them.
+    user_file(home, ".noident", "")
+    reply, head = ask_pidtest(daemon)
+    assert reply == head + b"ERROR:HIDDEN-USER\r\n"
+
+
+def test_the_default_account_is_a_dedicated_one(start_daemon, workdir: Path) -> None:
+    """With the account `procident` on the host, the default configuration runs as it;
+    without, as nobody, with a warning that says how to create it."""
+    import ctypes
+    import ctypes.util
+
+    from conftest import CLONE_NEWNS, MS_BIND, MS_PRIVATE, MS_REC, _call
+    from harness import proc_status
+
+    passwd = workdir / "passwd-procident"
+    passwd.write_text(
+        Path("/etc/passwd").read_text() + "procident:x:3002:3002::/nonexistent:/usr/sbin/nologin\n"
+    )
+    passwd.chmod(0o644)
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+    def with_account() -> None:
+        _call(libc, libc.unshare(CLONE_NEWNS))
+        _call(libc, libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None))
+        _call(libc, libc.mount(bytes(passwd), b"/etc/passwd", None, MS_BIND, None))
+
+    daemon = start_daemon(preexec_fn=with_account)
+    daemon.wait_log(r"dropped privileges to user procident \(uid 3002\), gid 3002")
+    assert proc_status(daemon.pid)["Uid"].split() == ["3002"] * 4
+    assert "there is no account" not in daemon.log()
+    plain = start_daemon()
+    plain.wait_log(r"there is no account 'procident': running as 'nobody'.*useradd --system")
+    plain.wait_log(r"dropped privileges to user nobody")
