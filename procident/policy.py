@@ -313,7 +313,7 @@ def read_as(user_id: str) -> tuple[str, ...]:
     (Squid, s6) keep only what follows the last colon, and many compare without case.
     So " secalice", "x:secalice" and "SECALICE" all read as "secalice"."""
     forms = [user_id.strip(), user_id.rsplit(":", 1)[-1].strip()]
-    forms += [form.lower() for form in forms]
+    forms += [form.lower() for form in forms] + [form.casefold() for form in forms]
     return tuple(dict.fromkeys(form for form in forms if form))
 
 
