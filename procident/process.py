@@ -87,8 +87,11 @@ def close_inherited_descriptors(keep: frozenset[int] = frozenset()) -> None:
     """Close every descriptor above standard error except `keep` (the sockets systemd
     passed): whatever the starting process left open (a root-only file, a socket) must
     not stay with the daemon once it runs unprivileged, nor reach the helper."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: every possible descriptor
+        fds = list(range(3, min(os.sysconf("SC_OPEN_MAX"), 1 << 16)))
+    for fd in fds:
         if fd > 2 and fd not in keep:
             with contextlib.suppress(OSError):  # the listing's own descriptor, gone by now
                 os.close(fd)
