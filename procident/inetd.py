@@ -5,8 +5,9 @@ socat. The connection's addresses come from the socket itself when standard
 input is one, else from the environment the super-server sets: TCPREMOTEIP,
 TCPREMOTEPORT, TCPLOCALIP, TCPLOCALPORT (UCSPI: tcpserver, s6), or
 SOCAT_PEERADDR, SOCAT_PEERPORT, SOCAT_SOCKADDR, SOCAT_SOCKPORT (socat).
-The per-connection rules are the daemon's; per-client limits need the
-daemon, which sees every connection (one process here sees one).
+The per-connection rules are the daemon's (one procident.session.IdentSession);
+per-client limits need the daemon, which sees every connection (one process here
+sees one).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 
-from procident._exchange import CLOSE, Exchange
+from procident.answerlog import record_answer
 from procident.config import Config
 from procident.forward import forward_blocking
 from procident.lookup import ConnectionId, Endpoint, endpoint_from_sockaddr, normalize_address
 from procident.protocol import Query
-from procident.responder import Responder, log_answer
+from procident.responder import Responder
+from procident.session import Ask, Close, IdentSession, Outcome, Send, rules_from
 
 log = logging.getLogger(__name__)
 
@@ -88,29 +90,42 @@ def serve_connection(
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Answer the queries that arrive on `fd_in` on `fd_out`, until the client is done,
-    a rule ends the connection, or the idle timeout passes."""
-    limits = config.limits
-    exchange = Exchange(limits)
-    deadline = clock() + limits.idle_timeout
+    a rule ends the connection, or the idle timeout passes: the session's rules
+    (procident.session), min_response_time included; lookups block, which one
+    connection per process allows."""
+    rules = rules_from(config.limits, config.reply)
+    session = IdentSession(rules, clock())
+    names = config.log.user_names
     while True:
-        if not _wait(fd_in, select.POLLIN, deadline - clock()):
-            log.debug("closing %s: idle for %ds", peer, limits.idle_timeout)
+        action = session.next_action(clock())
+        if isinstance(action, Ask):
+            try:
+                with responder.batch():
+                    outcome = _answer(responder, config, action.query, peer, local, clock)
+            except Exception:
+                log.exception("unexpected error answering %s", peer)
+                session.fail(action.seq, clock())
+            else:
+                session.answer(action.seq, outcome, clock())
+        elif isinstance(action, Send):
+            record_answer(log, peer, action.record, names)
+            if not _write(fd_out, action.line, rules.idle_timeout):
+                return
+        elif isinstance(action, Close):
+            record_answer(log, peer, action.record, names)
             return
-        try:
-            data = os.read(fd_in, RECV_SIZE)
-        except OSError:
-            return
-        if not data:
-            return  # every complete line has been answered
-        with responder.batch():
-            for step in exchange.feed(data):
-                if step is CLOSE:
+        else:
+            deadline = session.deadline
+            wait = 0.0 if deadline is None else deadline - clock()
+            if session.wants_read() and _wait(fd_in, select.POLLIN, wait):
+                try:
+                    data = os.read(fd_in, RECV_SIZE)
+                except OSError:
                     return
-                if isinstance(step, Query):
-                    step = _answer(responder, config, step, peer, local, clock)
-                if not _write(fd_out, step, deadline - clock()):
-                    return
-                deadline = clock() + limits.idle_timeout  # restarted by each reply
+                session.receive_data(data, clock())
+            elif wait > 0 and not session.wants_read():
+                time.sleep(wait)  # a reply held for min_response_time
+            session.tick(clock())
 
 
 def _answer(
@@ -120,25 +135,15 @@ def _answer(
     peer: Endpoint,
     local: Endpoint,
     clock: Callable[[], float],
-) -> bytes:
+) -> Outcome:
     conn = ConnectionId(
         Endpoint(local.address, query.server_port), Endpoint(peer.address, query.client_port)
     )
     answer = responder.respond(query, conn, clock())
     if answer.forward is not None:
         answer = forward_blocking(responder, query, answer, config.forward.timeout)
-    assert answer.line is not None
-    log_answer(
-        log,
-        peer.address,
-        query.server_port,
-        query.client_port,
-        answer.line,
-        answer.rule,
-        answer,
-        config.log.user_names,
-    )
-    return answer.line
+    assert answer.line is not None  # no helper here: files are read as they are asked for
+    return Outcome(answer.line, answer.rule, answer)
 
 
 def _wait(fd: int, event: int, timeout: float) -> bool:

@@ -24,6 +24,7 @@ from dataclasses import replace
 from types import FrameType
 
 from procident._exchange import MALFORMED_REPLY
+from procident.answerlog import log_answer
 from procident.config import Config, ConfigError
 from procident.forward import ForwardClient, ForwardFailed
 from procident.homes import HELPER_TIMEOUT
@@ -42,7 +43,7 @@ from procident.protocol import (
     QueryReader,
     format_reply,
 )
-from procident.responder import Answer, Responder, log_answer
+from procident.responder import Answer, Responder
 
 log = logging.getLogger(__name__)
 

@@ -204,7 +204,7 @@ class IdentSession:
             and self._closing is None
             and now >= self._idle_at
         ):
-            self._closing = Close("idle", Record("idle"))
+            self._closing = Close("idle", Record("idle", rule=f"{self.rules.idle_timeout:g}"))
 
     def update_rules(self, rules: SessionRules, now: float) -> None:
         """A reload: the new rules apply from now on; a shorter idle timeout applies to the

@@ -1,7 +1,7 @@
 """The library API: custom lookups, the asyncio adapter, the examples.
 
-The protocol table at the top runs against the daemon's selectors server and
-the asyncio adapter alike: both must give the same bytes for the same input.
+The protocol table (protocol_table.py) runs against the daemon's selectors server, the
+asyncio adapter and inetd mode alike: all must give the same bytes for the same input.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import tomllib
 from conftest import DictBackend
 from protocol_table import ALICE, PROTOCOL_TABLE
 
@@ -116,7 +117,47 @@ def aio_server(
         loop.close()
 
 
-SERVERS = {"daemon": daemon_server, "aio": aio_server}
+@contextlib.contextmanager
+def inetd_server(
+    limits: LimitsConfig | None = None, config: Config | None = None
+) -> Iterator[Running]:
+    """inetd mode (procident.inetd.serve_connection), one thread per accepted connection
+    as a super-server would start one process each, with alice owning ALICE_CONN."""
+    from procident.inetd import serve_connection
+
+    config = config or replace(Config(), rules=(), limits=limits or LimitsConfig())
+    entry = SocketEntry(ALICE_CONN.local, ALICE_CONN.remote, TcpState.ESTABLISHED, 1000, 4242)
+    responder = Responder(DictBackend({ALICE_CONN: entry}), config, {1000: "alice"}.get)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    stopping = threading.Event()
+
+    def one(conn: socket.socket) -> None:
+        with conn:
+            peer = Endpoint(LOOPBACK, conn.getpeername()[1])
+            local = Endpoint(LOOPBACK, conn.getsockname()[1])
+            serve_connection(responder, config, peer, local, conn.fileno(), conn.fileno())
+
+    def run() -> None:
+        while not stopping.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=one, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield Running(listener.getsockname(), stopping.set)
+    finally:
+        stopping.set()
+        thread.join(TIMEOUT)
+        listener.close()
+
+
+SERVERS = {"daemon": daemon_server, "aio": aio_server, "inetd": inetd_server}
+
 
 @pytest.mark.parametrize("kind", list(SERVERS))
 @pytest.mark.parametrize(
@@ -124,8 +165,9 @@ SERVERS = {"daemon": daemon_server, "aio": aio_server}
     [case[1:] for case in PROTOCOL_TABLE],
     ids=[case[0] for case in PROTOCOL_TABLE],
 )
-def test_protocol_rules_hold_in_both_servers(kind, data, half_close, expected) -> None:
-    """The same input gives the same bytes from the daemon and from the asyncio adapter."""
+def test_protocol_rules_hold_in_every_driver(kind, data, half_close, expected) -> None:
+    """The same input gives the same bytes from the daemon, the asyncio adapter and inetd
+    mode."""
     with SERVERS[kind]() as server:
         assert server.exchange(data, half_close) == expected
 
@@ -148,7 +190,7 @@ def test_idle_timeout(kind) -> None:
         assert sock.recv(10) == b""
 
 
-@pytest.mark.parametrize("kind", list(SERVERS))
+@pytest.mark.parametrize("kind", ["daemon", "aio"])  # one inetd process sees one connection
 def test_per_client_connection_cap(kind) -> None:
     """Past per_client_connections, a new connection is not served (over_limit close)."""
     limits = LimitsConfig(per_client_connections=1, over_limit="close")
@@ -344,3 +386,48 @@ def test_public_names() -> None:
     for path in (ROOT / "examples").glob("*.py"):
         used = set(re.findall(r"procident\.(\w+)", path.read_text()))
         assert used <= set(procident.__all__) | {"aio", "start_ident_server", "serve_ident"}, path
+
+
+def test_inetd_holds_replies_for_min_response_time() -> None:
+    """inetd mode keeps [reply] min_response_time, as the daemon does: no reply comes
+    sooner than that after its query (it was sent at once before)."""
+    import time
+
+    config = replace(Config(), rules=(), reply=replace(Config().reply, min_response_time=0.4))
+    with (
+        inetd_server(config=config) as server,
+        socket.create_connection(server.address, timeout=TIMEOUT) as sock,
+    ):
+        started = time.monotonic()
+        sock.sendall(b"1,1\r\n40001,6667\r\n")
+        first = sock.recv(100)
+        after_first = time.monotonic() - started
+        assert first == b"1,1:ERROR:NO-USER\r\n" and after_first >= 0.4
+        assert sock.recv(100) == ALICE
+
+
+def test_inetd_forward_that_outlasts_the_idle_window_still_answers() -> None:
+    """A blocking forward that answers after the idle timeout has passed: its reply is
+    still sent (it was dropped before), then the connection ends at the next timeout."""
+    import time
+
+    from test_forward import App
+
+    def late(line: bytes) -> bytes:
+        time.sleep(1.5)
+        return line.strip() + b":USERID:UNIX:nick\r\n"
+
+    app = App(late)
+    try:
+        config = tomllib.loads(
+            "[limits]\nidle_timeout = 1\n[forward]\ntimeout = 4\n"
+            f'[[rules]]\nuids = [1000]\naction = "forward"\nforward = "127.0.0.1:{app.port}"\n'
+        )
+        from procident.config import parse_config
+
+        with inetd_server(config=parse_config(config)) as server:
+            assert server.exchange(b"40001,6667\r\n", half_close=False) == (
+                b"40001,6667:USERID:OTHER:nick\r\n"
+            )
+    finally:
+        app.close()
