@@ -23,15 +23,17 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from procident._embed import Lookup, failure_line, reply_from, reply_line
-from procident._exchange import CLOSE, Exchange
+from procident.admission import Admission
+from procident.answerlog import record_answer
 from procident.config import LimitsConfig
 from procident.lookup import ConnectionId, Endpoint, endpoint_from_sockaddr
-from procident.policy import UNKNOWN_ERROR, RateLimiter, client_key
+from procident.policy import UNKNOWN_ERROR
 from procident.protocol import Query
+from procident.session import Ask, Close, IdentSession, Outcome, Send, rules_from
 
 __all__ = ["IdentServer", "serve_ident", "start_ident_server"]
 
@@ -43,18 +45,21 @@ _MAX_OUTPUT = 4096  # unsent reply bytes past which a client is no longer read
 
 @dataclass
 class IdentServer:
-    """A running ident server: the asyncio.Server, and its counts of open connections."""
+    """A running ident server: the asyncio.Server, and who is connected (admission)."""
 
     server: asyncio.Server
     lookup: Lookup
     limits: LimitsConfig
     lookup_timeout: float
-    connections: int = 0
-    per_client: dict[object, int] = field(default_factory=dict)
-    limiter: RateLimiter = field(init=False)
+    admission: Admission = field(init=False)
 
     def __post_init__(self) -> None:
-        self.limiter = RateLimiter.for_limits(self.limits)
+        self.admission = Admission(self.limits)
+
+    @property
+    def connections(self) -> int:
+        """Connections open now (those held only to be refused do not count)."""
+        return self.admission.within
 
     @property
     def sockets(self) -> tuple[Any, ...]:
@@ -112,6 +117,7 @@ async def serve_ident(
 async def _serve_connection(
     state: IdentServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
+    """One connection: a driver of IdentSession on the asyncio loop."""
     limits = state.limits
     loop = asyncio.get_running_loop()
     try:
@@ -120,51 +126,52 @@ async def _serve_connection(
     except (OSError, TypeError, ValueError):  # reset before we looked
         writer.close()
         return
-    key = client_key(peer.address)
-    if (
-        state.connections >= limits.max_connections
-        or state.per_client.get(key, 0) >= limits.per_client_connections
-    ):
+    ticket = state.admission.admit(peer.address)
+    if isinstance(ticket, str):
+        state.admission.refused(ticket, loop.time())
         writer.close()
         return
-    state.connections += 1
-    state.per_client[key] = state.per_client.get(key, 0) + 1
     writer.transport.set_write_buffer_limits(high=_MAX_OUTPUT)
-    deadline = loop.time() + limits.idle_timeout
-    exchange = Exchange(limits)
-
-    def allow() -> bool:
-        return state.limiter.allow(key, loop.time())
-
+    rules = replace(rules_from(limits, None), refused=ticket.refused)
+    key = ticket.key
+    session = IdentSession(rules, loop.time(), lambda now: state.admission.allow(key, now))
     try:
         while True:
-            data = await asyncio.wait_for(reader.read(_RECV_SIZE), deadline - loop.time())
-            if not data:
-                return  # every complete line has been answered
-            for step in exchange.feed(data, allow):
-                if step is CLOSE:
-                    await asyncio.wait_for(writer.drain(), max(0.0, deadline - loop.time()))
-                    return
-                if isinstance(step, Query):
-                    conn = ConnectionId(
-                        Endpoint(local.address, step.server_port),
-                        Endpoint(peer.address, step.client_port),
-                    )
-                    step = await _answer(state, step, conn)
-                writer.write(step)  # one write per reply: a single send where it fits
-                # The idle timer restarts after each reply (PROTOCOL.md); a client that
-                # does not read its replies is not read either, until the timeout.
-                deadline = loop.time() + limits.idle_timeout
-                await asyncio.wait_for(writer.drain(), deadline - loop.time())
+            backlog = writer.transport.get_write_buffer_size()
+            action = session.next_action(loop.time(), backlog)
+            if isinstance(action, Ask):
+                conn = ConnectionId(
+                    Endpoint(local.address, action.query.server_port),
+                    Endpoint(peer.address, action.query.client_port),
+                )
+                line = await _answer(state, action.query, conn)
+                session.answer(action.seq, Outcome(line, "lookup"), loop.time())
+            elif isinstance(action, Send):
+                record_answer(log, peer, action.record)
+                writer.write(action.line)  # one write per reply: a single send where it fits
+            elif isinstance(action, Close):
+                record_answer(log, peer, action.record)
+                await asyncio.wait_for(writer.drain(), limits.idle_timeout)
+                return
+            else:
+                deadline = session.deadline
+                wait = None if deadline is None else max(0.0, deadline - loop.time())
+                try:
+                    if session.wants_read(backlog):
+                        data = await asyncio.wait_for(reader.read(_RECV_SIZE), wait)
+                        session.receive_data(data, loop.time())
+                    elif backlog >= rules.output_bound:
+                        # A client that does not read its replies is not read either.
+                        await asyncio.wait_for(writer.drain(), wait)
+                    elif wait:
+                        await asyncio.sleep(wait)  # a reply held for min_response_time
+                except asyncio.TimeoutError:
+                    pass
+                session.tick(loop.time())
     except (asyncio.TimeoutError, ConnectionError):
         return
     finally:
-        state.connections -= 1
-        count = state.per_client[key] - 1
-        if count:
-            state.per_client[key] = count
-        else:
-            del state.per_client[key]
+        state.admission.release(ticket)
         writer.close()
 
 

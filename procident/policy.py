@@ -9,19 +9,14 @@ tests can give both. The per-client rate limiter is here too, with time passed i
 
 from __future__ import annotations
 
-import ipaddress
 import random
 import string
-from collections import OrderedDict
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from procident.config import (
     CONCEALING,
-    AccessConfig,
     Config,
-    LimitsConfig,
     ReplyConfig,
     Rule,
     connection_mismatch,
@@ -366,61 +361,3 @@ def nat_map(inner: IPAddress, config: Config, rng: random.Random) -> Decision | 
         )
         return Decision(reply, entry.name, "reply")
     return None
-
-
-def client_key(address: IPAddress) -> IPAddress | ipaddress.IPv6Network:
-    """What counts as one client for the per-client cap: an IPv4 address, or an IPv6 /64
-    (one host commonly holds a whole /64, so counting addresses would cap nothing)."""
-    if address.version == 6:
-        return ipaddress.IPv6Network((int(address) >> 64 << 64, 64))
-    return address
-
-
-def allowed(address: IPAddress, access: AccessConfig) -> bool:
-    """Whether [access] lets a client at `address` ask: not denied, and allowed when
-    an allow list is given (deny wins over allow)."""
-    if any(address in network for network in access.deny):
-        return False
-    return not access.allow or any(address in network for network in access.allow)
-
-
-class RateLimiter:
-    """A token bucket per client: `rate` queries per second, bursts of up to `burst`.
-
-    The table is bounded: beyond `size` clients, the one heard from least
-    recently is forgotten (and starts again with a full bucket), so a flood
-    from many addresses cannot grow memory.
-    """
-
-    def __init__(self, rate: float, burst: int, size: int) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.size = size
-        self._buckets: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
-
-    @classmethod
-    def for_limits(cls, limits: LimitsConfig) -> RateLimiter:
-        """The limiter that [limits] per_client_rate, per_client_burst and clients_tracked
-        describe."""
-        return cls(limits.per_client_rate, limits.per_client_burst, limits.clients_tracked)
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def allow(self, client: Hashable, now: float) -> bool:
-        """Take one token from `client`'s bucket at time `now`; False if it is empty."""
-        if self.rate <= 0:
-            return True
-        bucket = self._buckets.pop(client, None)
-        if bucket is None:
-            tokens = float(self.burst)
-            if len(self._buckets) >= self.size:
-                self._buckets.popitem(last=False)
-        else:
-            tokens, then = bucket
-            tokens = min(float(self.burst), tokens + max(0.0, now - then) * self.rate)
-        allowed = tokens >= 1.0
-        if allowed:
-            tokens -= 1.0
-        self._buckets[client] = (tokens, now)
-        return allowed

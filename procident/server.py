@@ -24,13 +24,14 @@ from dataclasses import replace
 from types import FrameType
 
 from procident._exchange import MALFORMED_REPLY
+from procident.admission import RateLimiter, allowed, client_key
 from procident.answerlog import log_answer
 from procident.config import Config, ConfigError
 from procident.forward import ForwardClient, ForwardFailed
 from procident.homes import HELPER_TIMEOUT
 from procident.lookup import ConnectionId, Endpoint, IPAddress, endpoint_from_sockaddr
 from procident.metrics import MAX_HTTP_REQUEST, Metrics, http_response, write_textfile
-from procident.policy import UNKNOWN_ERROR, RateLimiter, allowed, client_key
+from procident.policy import UNKNOWN_ERROR
 from procident.process import Notifier
 from procident.protocol import (
     ErrorReply,

@@ -107,13 +107,21 @@ def aio_server(
     )
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
+    async def shutdown() -> None:
+        # Connections still being served end first, so none is left to a closed loop.
+        server.close()
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
     try:
         yield Running(server.sockets[0].getsockname()[:2], lambda: None)
     finally:
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(TIMEOUT)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(TIMEOUT)
-        server.close()
-        loop.run_until_complete(server.wait_closed())
         loop.close()
 
 
@@ -431,3 +439,46 @@ def test_inetd_forward_that_outlasts_the_idle_window_still_answers() -> None:
             )
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("kind", ["daemon", "aio"])
+def test_connection_cap_with_over_limit_error(kind) -> None:
+    """With over_limit = "error", a connection over per_client_connections hears
+    UNKNOWN-ERROR for its query, then is closed (the asyncio adapter closed it silently)."""
+    limits = LimitsConfig(per_client_connections=1, over_limit="error")
+    with (
+        SERVERS[kind](limits=limits) as server,
+        socket.create_connection(server.address, timeout=TIMEOUT) as held,
+    ):
+        held.sendall(b"1,1\r\n")
+        assert held.recv(100) == b"1,1:ERROR:NO-USER\r\n"
+        assert server.exchange(b"40001,6667\r\n") == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n"
+
+
+@pytest.mark.parametrize("kind", list(SERVERS))
+def test_every_driver_logs_each_answer(kind, caplog) -> None:
+    """Each driver writes the one answer line per query, through the one answer sink: the
+    asyncio adapter too (it logged none), and malformed lines with their fields."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="procident")
+    with SERVERS[kind]() as server:
+        assert server.exchange(b"40001,6667\r\n") == ALICE
+        assert server.exchange(b"x\r\n") == b"0,0:ERROR:INVALID-PORT\r\n"
+    answers = [r for r in caplog.records if r.getMessage().startswith("answer client=")]
+    assert [r.getMessage().split(" owner=")[0] for r in answers] == [
+        "answer client=127.0.0.1 query=40001,6667",
+        "answer client=127.0.0.1 query=malformed reply=INVALID-PORT",
+    ]
+    assert (
+        answers[0]
+        .getMessage()
+        .endswith("reply=USERID:UNIX:alice rule=" + answers[0].fields["rule"])
+    )
+    assert answers[1].fields == {
+        "event": "answer",
+        "client": "127.0.0.1",
+        "query": "malformed",
+        "reply": "ERROR:INVALID-PORT",
+        "rule": "malformed",
+    }

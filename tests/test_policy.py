@@ -9,9 +9,10 @@ from dataclasses import dataclass, field, replace
 import pytest
 import tomllib
 
+from procident.admission import RateLimiter, allowed
 from procident.config import AccessConfig, Config, ReplyConfig, parse_config
 from procident.lookup import ConnectionId, Endpoint, Found, SocketEntry, TcpState
-from procident.policy import Owner, RateLimiter, allowed, decide, mask
+from procident.policy import Owner, decide, mask
 from procident.protocol import ErrorReply, ErrorType, UserIdReply
 from procident.userfiles import UserFiles, parse_oidentd_file, parse_procident_file
 

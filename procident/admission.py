@@ -1,0 +1,180 @@
+"""Who may connect and ask, and how often: access lists, connection caps, the query
+rate. Pure (time is passed in); every driver (the selectors daemon, the asyncio
+adapter) admits through one Admission.
+
+A client is an IPv4 address or an IPv6 /64. Connections are capped in all
+(max_connections) and per client (per_client_connections); with over_limit = "error",
+a connection over a cap is still taken, to answer its first query UNKNOWN-ERROR, but
+only MAX_OVERFLOW such connections at once, and they count against no cap. Refusals are
+counted per limit, and said in the log at most once per REFUSAL_LOG_INTERVAL with the
+count since the last line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from procident.config import AccessConfig, LimitsConfig
+from procident.lookup import IPAddress
+
+MAX_OVERFLOW = 64  # connections over a cap kept open at once to be answered UNKNOWN-ERROR
+REFUSAL_LOG_INTERVAL = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """An admitted connection: its client, and the cap it was admitted over ("" when
+    within every cap; its session's first query then hears UNKNOWN-ERROR)."""
+
+    key: Hashable
+    refused: str = ""
+
+
+class Admission:
+    """The connections open per client and in all, the query rate per client, and the
+    refusals, for one server. `release` every ticket `admit` gave, once."""
+
+    def __init__(self, limits: LimitsConfig, access: AccessConfig | None = None) -> None:
+        self.limits = limits
+        self.access = access or AccessConfig()
+        self.limiter = RateLimiter.for_limits(limits)
+        self.per_client: dict[Hashable, int] = {}
+        self.within = 0  # connections admitted within the caps
+        self.overflow = 0  # connections admitted over a cap, only to be refused
+        self.refusals: dict[str, int] = {}
+        self._logged_at: dict[str, float] = {}
+
+    def update(self, limits: LimitsConfig, access: AccessConfig) -> None:
+        """A reload: new caps apply to the next connection; the rate buckets carry over
+        unless the rate settings changed."""
+        if _rate_settings(limits) != _rate_settings(self.limits):
+            self.limiter = RateLimiter.for_limits(limits)
+        self.limits = limits
+        self.access = access
+
+    def admit(self, address: IPAddress) -> Ticket | str:
+        """A ticket for a new connection from `address`, or the name of the limit that
+        refuses it outright ("access", "max_connections", "per_client_connections")."""
+        if not allowed(address, self.access):
+            return "access"
+        limits = self.limits
+        key = client_key(address)
+        over = ""
+        if self.within >= limits.max_connections:
+            over = "max_connections"
+        elif self.per_client.get(key, 0) >= limits.per_client_connections:
+            over = "per_client_connections"
+        if over:
+            if limits.over_limit == "close" or self.overflow >= MAX_OVERFLOW:
+                return over
+            self.overflow += 1
+            return Ticket(key, over)
+        self.within += 1
+        self.per_client[key] = self.per_client.get(key, 0) + 1
+        return Ticket(key)
+
+    def release(self, ticket: Ticket) -> None:
+        """The connection of `ticket` is closed."""
+        if ticket.refused:
+            self.overflow -= 1
+            return
+        self.within -= 1
+        count = self.per_client[ticket.key] - 1
+        if count:
+            self.per_client[ticket.key] = count
+        else:
+            del self.per_client[ticket.key]
+
+    def at_cap(self, address: IPAddress) -> bool:
+        """Whether a connection from `address` would be over a cap now."""
+        return self.within >= self.limits.max_connections or (
+            self.per_client.get(client_key(address), 0) >= self.limits.per_client_connections
+        )
+
+    def allow(self, key: Hashable, now: float) -> bool:
+        """One query of client `key` at `now`: False when over its rate."""
+        return self.limiter.allow(key, now)
+
+    def refused(self, limit: str, now: float) -> int:
+        """Count one refusal by `limit`; the count to log now (and since the last line), or
+        0 when its line waits (at most one per REFUSAL_LOG_INTERVAL)."""
+        self.refusals[limit] = self.refusals.get(limit, 0) + 1
+        if now - self._logged_at.get(limit, float("-inf")) < REFUSAL_LOG_INTERVAL:
+            return 0
+        count, self.refusals[limit] = self.refusals[limit], 0
+        self._logged_at[limit] = now
+        return count
+
+
+def refusal_words(limit: str) -> str:
+    """How a refusal line says what was refused, after the count."""
+    if limit == "access":
+        return "connection(s) from clients the [access] lists refuse"
+    if limit == "per_client_rate":
+        return "query(s) over limits.per_client_rate"
+    return f"connection(s) over limits.{limit}"
+
+
+def _rate_settings(limits: LimitsConfig) -> tuple[float, int, int]:
+    return limits.per_client_rate, limits.per_client_burst, limits.clients_tracked
+
+
+def client_key(address: IPAddress) -> IPAddress | ipaddress.IPv6Network:
+    """What counts as one client for the per-client cap: an IPv4 address, or an IPv6 /64
+    (one host commonly holds a whole /64, so counting addresses would cap nothing)."""
+    if address.version == 6:
+        return ipaddress.IPv6Network((int(address) >> 64 << 64, 64))
+    return address
+
+
+def allowed(address: IPAddress, access: AccessConfig) -> bool:
+    """Whether [access] lets a client at `address` ask: not denied, and allowed when
+    an allow list is given (deny wins over allow)."""
+    if any(address in network for network in access.deny):
+        return False
+    return not access.allow or any(address in network for network in access.allow)
+
+
+class RateLimiter:
+    """A token bucket per client: `rate` queries per second, bursts of up to `burst`.
+
+    The table is bounded: beyond `size` clients, the one heard from least
+    recently is forgotten (and starts again with a full bucket), so a flood
+    from many addresses cannot grow memory.
+    """
+
+    def __init__(self, rate: float, burst: int, size: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.size = size
+        self._buckets: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
+
+    @classmethod
+    def for_limits(cls, limits: LimitsConfig) -> RateLimiter:
+        """The limiter that [limits] per_client_rate, per_client_burst and clients_tracked
+        describe."""
+        return cls(limits.per_client_rate, limits.per_client_burst, limits.clients_tracked)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, client: Hashable, now: float) -> bool:
+        """Take one token from `client`'s bucket at time `now`; False if it is empty."""
+        if self.rate <= 0:
+            return True
+        bucket = self._buckets.pop(client, None)
+        if bucket is None:
+            tokens = float(self.burst)
+            if len(self._buckets) >= self.size:
+                self._buckets.popitem(last=False)
+        else:
+            tokens, then = bucket
+            tokens = min(float(self.burst), tokens + max(0.0, now - then) * self.rate)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        self._buckets[client] = (tokens, now)
+        return allowed
