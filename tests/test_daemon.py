@@ -448,3 +448,21 @@ def test_resources_return_after_clients_leave(start_daemon) -> None:
     for sock in clients:
         sock.close()
     wait_for(lambda: open_fds(daemon.pid) == baseline, IO_TIMEOUT)
+
+
+def test_sequential_one_query_connections_are_never_refused(start_daemon) -> None:
+    """A client that opens one connection at a time, asks once, reads the reply and
+    closes, as fast as it can (an IRC server in a reconnection wave): 2,000 of them from
+    one address, rate limit off, are 2,000 right answers. It never has more than one
+    connection open, so the cap of 8 must never refuse it (closed connections counted
+    against it until the loop read their end: up to 1,608 of 2,000 were refused)."""
+    daemon = start_daemon("[limits]\nper_client_rate = 0\n")
+    with owned_connection(1, SERVICE4, "127.0.0.1") as conn:
+        expected = b"%d,%d:USERID:UNIX:daemon\r\n" % (conn.local[1], conn.remote[1])
+        right = 0
+        for _ in range(2000):
+            with daemon.connect() as sock:
+                sock.sendall(conn.query)
+                right += read_line(sock) == expected
+    assert right == 2000
+    assert "refused" not in daemon.log()

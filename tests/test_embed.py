@@ -107,6 +107,7 @@ def aio_server(
     )
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
+
     async def shutdown() -> None:
         # Connections still being served end first, so none is left to a closed loop.
         server.close()

@@ -369,19 +369,20 @@ def test_reload_keeps_the_rate_table_unless_limits_change(make) -> None:
 def test_connections_over_a_cap_are_bounded(make) -> None:
     """With over_limit "error", at most MAX_OVERFLOW connections over a cap are held (to be
     answered UNKNOWN-ERROR); beyond that they are closed at once, and none takes a slot."""
-    from procident.server import MAX_OVERFLOW
+    from procident.admission import MAX_OVERFLOW
 
     fixture = make("[limits]\nmax_connections = 1\n")
     server = fixture.server
     clients = [connect(server) for _ in range(MAX_OVERFLOW + 11)]
     pump(server, 10)
-    assert server.overflow == MAX_OVERFLOW and len(server.sessions) == MAX_OVERFLOW + 1
+    assert server.admission.overflow == MAX_OVERFLOW and len(server.sessions) == MAX_OVERFLOW + 1
     closed = sum(received(c) is None for c in clients)
     assert closed == 10
     for client in clients:
         client.close()
     pump(server, 10)
-    assert server.overflow == 0 and not server.sessions and not server.per_client
+    assert server.admission.overflow == 0 and not server.sessions
+    assert not server.admission.per_client
 
 
 def test_min_response_time_holds_replies_in_order(make) -> None:
@@ -419,3 +420,44 @@ def test_reload_shortens_a_forward_under_way(make, apps) -> None:
     fixture.server.apply(parse_config(tomllib.loads(forwarding(app, "[forward]\ntimeout = 1\n"))))
     fixture.clock.now += 1
     assert fixture.pump_until(waiting) == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n"
+
+
+def test_a_held_reply_due_after_the_idle_deadline_is_sent(make) -> None:
+    """A query read shortly before the idle deadline, its reply held by min_response_time
+    past that deadline: the reply is sent when due (the connection was closed without it)."""
+    fixture = make(
+        "[limits]\nidle_timeout = 2\nper_client_rate = 0\n[reply]\nmin_response_time = 1.5\n"
+    )
+    client = connect(fixture.server)
+    pump(fixture.server, 2)
+    fixture.clock.now += 1.8
+    client.send(b"1,1\r\n")
+    pump(fixture.server, 3)
+    assert received(client) == b""
+    fixture.clock.now += 0.5  # past the idle deadline (2.0), before the reply is due (3.3)
+    pump(fixture.server, 3)
+    assert received(client) == b""
+    fixture.clock.now += 1.1
+    assert fixture.pump_until(client) == b"1,1:ERROR:NO-USER\r\n"
+
+
+def test_a_forward_answered_after_the_idle_deadline_is_sent(make, apps) -> None:
+    """A forward that answers after the idle deadline has passed (within forward.timeout):
+    its reply is sent, then the idle window starts again."""
+    release = threading.Event()
+
+    def late(line: bytes) -> bytes:
+        release.wait(5)
+        return line.strip().replace(b" ", b"") + b":USERID:UNIX:nick\r\n"
+
+    app = apps(late)
+    fixture = make(forwarding(app, "[limits]\nidle_timeout = 2\n[forward]\ntimeout = 10\n"))
+    fixture.own(40001, 6667)
+    client = connect(fixture.server)
+    client.send(b"40001,6667\r\n")
+    pump(fixture.server, 3)
+    fixture.clock.now += 5  # far past the idle deadline; the forward is still out
+    pump(fixture.server, 3)
+    assert received(client) == b""
+    release.set()
+    assert fixture.pump_until(client) == b"40001,6667:USERID:OTHER:nick\r\n"

@@ -114,7 +114,7 @@ def test_output_bound_stops_reading_then_resumes(server_factory) -> None:
     (session,) = server.sessions
     assert MAX_OUTPUT <= len(session.output) < MAX_OUTPUT + 64
     assert not session.events & selectors.EVENT_READ and session.events & selectors.EVENT_WRITE
-    answered_so_far = session.queries
+    answered_so_far = server.metrics.replies["INVALID-PORT"]
     assert answered_so_far < count
     data = b""
     for _ in range(2000):
@@ -288,3 +288,32 @@ def test_query_read_in_the_turn_that_accepts_it(server_factory) -> None:
     server.step(timeout=1)
     time.sleep(0.05)
     assert received(client) == b"1,1:ERROR:NO-USER\r\n"
+
+
+def test_a_connection_its_client_closed_does_not_count_against_the_cap(server_factory) -> None:
+    """per_client_connections = 1. The client reads its reply, opens its next connection,
+    then closes the old one and asks on the new, all before the loop's next turn (as an
+    IRC server reconnecting does): when the loop accepts the new connection, the client
+    has one open, so it is answered, not refused (the closed one counted until the loop
+    read its end, and the new one heard UNKNOWN-ERROR)."""
+    server, _ = server_factory(
+        limits=LimitsConfig(per_client_connections=1, per_client_rate=0, over_limit="error")
+    )
+    old = connect(server)
+    old.send(b"1,1\r\n")
+    pump(server, 3)
+    assert received(old) == b"1,1:ERROR:NO-USER\r\n"
+    for _ in range(20):
+        new = connect(server)  # the listener is ready first...
+        old.close()  # ... then the old connection's end arrives
+        new.send(b"2,2\r\n")
+        reply = b""
+        for _ in range(50):
+            pump(server, 1)
+            reply += received(new) or b""
+            if reply.endswith(b"\n"):
+                break
+        assert reply == b"2,2:ERROR:NO-USER\r\n"
+        old = new
+    old.close()
+    assert server.metrics.refused["per_client_connections"] == 0
