@@ -236,7 +236,8 @@ def _oidentd_port(text: str, line: int) -> PortRange:
         high = low
     try:
         bounds = (int(low) if low else 1, int(high) if high else 65535)
-        if not (low or high) or not all(b.isdigit() for b in (low, high) if b):
+        # ASCII digits only: int() and str.isdigit() take "٥" for 5 (PROTOCOL.md).
+        if not (low or high) or not all(b.isascii() and b.isdigit() for b in (low, high) if b):
             raise ValueError
     except ValueError:
         raise UserFileError(

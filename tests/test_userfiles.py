@@ -103,6 +103,8 @@ def test_oidentd_statements_ranges_and_comments() -> None:
         ('global { reply "' + "x" * 513 + '" }', "the user id is 513 octets long"),
         ('global { reply "" }', "the user id is empty"),
         ("global { forward 127.0.0.1 1113 }", "'forward' is not read here"),
+        ("lport \u0665 { hide }", "port '\u0665' is not a number"),  # Arabic-Indic 5
+        ("fport 1:\u0665 { hide }", "is not a number or range"),
         ("global { allow spoof }", "'allow' is not read here"),
         ("global { hide random }", "'hide' is not read here"),
         ("to irc.example.net { hide }", "host 'irc.example.net' is not an IP address"),

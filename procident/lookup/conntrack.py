@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from procident.lookup import (
+from procident.lookup.types import (
     ConnectionId,
     Endpoint,
     IPAddress,

@@ -21,7 +21,7 @@ import socket
 import struct
 from contextlib import AbstractContextManager, nullcontext
 
-from procident.lookup import (
+from procident.lookup.types import (
     ConnectionId,
     Endpoint,
     Found,

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from procident.lookup import (
+from procident.lookup.types import (
     ConnectionId,
     Endpoint,
     Found,
