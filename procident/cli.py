@@ -25,6 +25,7 @@ from typing import Any
 import click
 
 from procident import __version__
+from procident.accounts import Accounts, FileReader, passwd_name
 from procident.config import (
     DEFAULT_USER,
     FALLBACK_USER,
@@ -74,13 +75,7 @@ from procident.process import (
     write_pid_file,
 )
 from procident.protocol import ErrorReply, Query, UserIdReply, parse_reply, printable
-from procident.responder import (
-    Accounts,
-    FileReader,
-    Responder,
-    describe_owner,
-    passwd_name,
-)
+from procident.responder import Responder, describe_owner
 from procident.server import ListenError, Server, open_listeners
 from procident.tokens import TokenError, TokenMaker, add_key, load_keys
 from procident.tokens import available as tokens_available

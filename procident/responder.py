@@ -7,20 +7,18 @@ answered UNKNOWN-ERROR; a failing lookup never stops the daemon.
 from __future__ import annotations
 
 import contextlib
-import grp
 import logging
-import os
-import pwd
 import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 from procident import policy
-from procident.config import Config, ReplyConfig
-from procident.homes import HELPER_TIMEOUT, FileState, HomeHelper, user_files_from
+from procident.accounts import Accounts, FilesPending, UserNames, passwd_name
+from procident.config import Config
+from procident.forwarded import Forward, NatPlan, forwarded_reply, translated_reply
 from procident.lookup import (
     Backend,
     ConnectionId,
@@ -32,50 +30,16 @@ from procident.lookup import (
 from procident.lookup.conntrack import ConntrackTable
 from procident.lookup.procfs import ProcfsBackend
 from procident.protocol import (
-    ErrorReply,
     Query,
     Reply,
-    ReplyError,
     UserIdReply,
     format_reply,
-    parse_reply,
-    printable,
 )
 from procident.tokens import TokenError, TokenMaker
-from procident.userfiles import UserFiles
 
 log = logging.getLogger(__name__)
 K = TypeVar("K")
 V = TypeVar("V")
-
-
-@dataclass(frozen=True, slots=True)
-class NatPlan:
-    """A translated connection's forward: what the inner host is asked about, and what
-    to answer when it gives no usable answer."""
-
-    inner: ConnectionId  # as the inner host sees it: its end, then the querier's
-    fallback: Reply
-    fallback_rule: str
-    from_gateway: bool  # the query was itself forwarded, by a gateway in [nat] gateways
-
-    @property
-    def key(self) -> tuple[Endpoint, Endpoint]:
-        """What the loop guard compares: one inner connection is asked about once at a time."""
-        return self.inner.local, self.inner.remote
-
-
-@dataclass(frozen=True, slots=True)
-class Forward:
-    """A query to pass on to another ident server before answering: an application's own
-    (a rule's or a user's action "forward"), or an inner host's (NAT, `nat` set)."""
-
-    target: Endpoint
-    ask: Query  # the port pair to send: the query's own, or the inner connection's
-    conn: ConnectionId
-    decision: policy.Decision | None = None  # an application's: the rule's, or the user's
-    owner: policy.Owner | None = None
-    nat: NatPlan | None = None  # an inner host's
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,236 +59,6 @@ class Answer:
     forward: Forward | None = None
     trace: tuple[str, ...] = field(default=(), compare=False)
     pending: int | None = None  # the uid whose files are awaited
-
-
-def passwd_name(uid: int) -> str | None:
-    """The login name of `uid`, or None when passwd has no entry for it."""
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
-
-
-def account_groups(name: str) -> frozenset[str]:
-    """The names of the groups of account `name`, primary and supplementary."""
-    try:
-        gid = pwd.getpwnam(name).pw_gid
-    except KeyError:
-        return frozenset()
-    names = set()
-    for group in _group_ids(name, gid):
-        with contextlib.suppress(KeyError):
-            names.add(grp.getgrgid(group).gr_name)
-    return frozenset(names)
-
-
-def _group_ids(name: str, gid: int) -> list[int]:
-    try:
-        return os.getgrouplist(name, gid)
-    except OSError:
-        return [gid]
-
-
-def is_account(name: str) -> bool:
-    """Whether passwd has an account of that name."""
-    try:
-        pwd.getpwnam(name)
-    except (KeyError, ValueError):
-        return False
-    return True
-
-
-NAME_TTL = 60.0  # seconds a uid's name (or its absence) is reused
-NAME_CACHE_SIZE = 4096  # uids remembered at most
-PROBLEM_LOG_INTERVAL = 10.0  # seconds between two lines about one user's unusable files
-
-
-class TimedCache(Generic[K, V]):
-    """key -> value, each remembered for `ttl` seconds; the oldest makes room when full.
-
-    NSS lookups scan /etc/passwd (or ask a directory service) on every call;
-    on a host with many accounts that would be most of a query's cost. A
-    renamed or deleted account is therefore named the old way for up to `ttl`.
-    """
-
-    def __init__(
-        self, lookup: Callable[[K], V], ttl: float = NAME_TTL, size: int = NAME_CACHE_SIZE
-    ):
-        self.lookup = lookup
-        self.ttl = ttl
-        self.size = size
-        self._values: dict[K, tuple[V, float]] = {}  # key -> (value, expiry)
-
-    def get(self, key: K, now: float) -> V:
-        """The value for `key` as of `now`."""
-        cached = self._values.get(key)
-        if cached is not None and now < cached[1]:
-            return cached[0]
-        value = self.lookup(key)
-        self.put(key, value, now)  # re-inserted last: the dict stays in expiry order
-        return value
-
-    def put(self, key: K, value: V, now: float) -> None:
-        """Remember `value` for `key` as of `now`, as get would have."""
-        self._values.pop(key, None)
-        if len(self._values) >= self.size:
-            del self._values[next(iter(self._values))]
-        self._values[key] = (value, now + self.ttl)
-
-
-class UserNames(TimedCache[int, "str | None"]):
-    """uid -> login name, remembered for NAME_TTL seconds."""
-
-    def __init__(
-        self,
-        lookup: Callable[[int], str | None] = passwd_name,
-        ttl: float = NAME_TTL,
-        size: int = NAME_CACHE_SIZE,
-    ) -> None:
-        super().__init__(lookup, ttl, size)
-
-    def name(self, uid: int, now: float) -> str | None:
-        """The login name of `uid` as of `now`, or None when passwd has no entry."""
-        return self.get(uid, now)
-
-
-FileReader = Callable[[int, int], dict[str, FileState]]  # (uid, max size) -> states
-
-
-class FilesPending(Exception):
-    """A user's files are being read by the helper: the query waits for them (or for
-    HELPER_TIMEOUT), and other queries go on meanwhile."""
-
-    def __init__(self, uid: int) -> None:
-        super().__init__(uid)
-        self.uid = uid
-
-
-class Accounts:
-    """policy.Facts from passwd, group and the users' files, each cached for a while.
-
-    Users' files come from `read_files` (a blocking call: inetd mode, the CLI) or from
-    `helper`, asked from the event loop without waiting: user_files then raises
-    FilesPending, the server calls `collect` when the helper's answers come, or
-    `give_up` for a uid whose answer is late (its queries are then answered without the
-    files, as if unreadable), and `settle` once the waiting queries are answered; every
-    other query goes on in the meantime.
-    """
-
-    def __init__(
-        self,
-        config: Config,
-        read_files: FileReader | None = None,
-        groups: Callable[[str], frozenset[str]] = account_groups,
-        account: Callable[[str], bool] = is_account,
-        helper: HomeHelper | None = None,
-    ) -> None:
-        self.now = 0.0
-        self.read_files = read_files
-        self.helper = helper
-        # uid -> the files that came (or the verdict that they will not in time), for
-        # the queries that waited for them
-        self._fresh: dict[int, UserFiles] = {}
-        self._groups = TimedCache(groups)
-        self._accounts = TimedCache(account)
-        # uid -> (the problems last logged, when): see _report
-        self._reported: dict[int, tuple[tuple[str, ...], float]] = {}
-        self.configure(config)
-
-    def configure(self, config: Config) -> None:
-        """Use a new configuration's [users] settings (forgetting files read before)."""
-        self.users = config.users
-        self._files: TimedCache[int, UserFiles] = TimedCache(
-            self._read, ttl=config.users.cache_seconds
-        )
-
-    def groups(self, owner: policy.Owner) -> frozenset[str]:
-        return self._groups.get(owner.name, self.now) if owner.name else frozenset()
-
-    def is_account(self, name: str) -> bool:
-        return self._accounts.get(name, self.now)
-
-    def user_files(self, owner: policy.Owner) -> UserFiles:
-        return self._files.get(owner.uid, self.now)
-
-    def collect(self, now: float) -> list[int]:
-        """Take the helper's answers that have come; the uids they are for. Each serves
-        the queries waiting for it (until `settle`), and is cached like any read."""
-        assert self.helper is not None
-        self.now = now
-        uids = []
-        for uid, states in self.helper.collect():
-            if states is None:
-                files = UserFiles(problems=("malformed answer of the helper",), unreadable=True)
-            else:
-                files = user_files_from(states, self.users)
-            self._report(uid, files.problems)
-            self._fresh[uid] = files
-            self._files.put(uid, files, now)
-            uids.append(uid)
-        return uids
-
-    def give_up(self, uid: int) -> None:
-        """The helper has not answered about `uid` in time: the queries waiting for it are
-        answered without the files (until `settle`); its answer is still taken if it comes."""
-        files = UserFiles(
-            problems=(f"not read in time: the helper did not answer in {HELPER_TIMEOUT:g}s",),
-            unreadable=True,
-        )
-        self._report(uid, files.problems)
-        self._fresh[uid] = files
-
-    def settle(self, uid: int) -> None:
-        """The queries that waited for `uid`'s files are answered."""
-        self._fresh.pop(uid, None)
-
-    def _from_helper(self, uid: int) -> UserFiles:
-        assert self.helper is not None
-        fresh = self._fresh.get(uid)
-        if fresh is not None:
-            return fresh
-        if self.helper.overdue(self.now):
-            # Stuck on another user's files: ask (the answer is cached when it comes), but
-            # make no one wait behind them.
-            self.helper.ask(uid, self.users.max_file_size, self.now)
-            files = UserFiles(problems=("not read: the helper is not answering",), unreadable=True)
-        elif not self.helper.ask(uid, self.users.max_file_size, self.now):
-            files = UserFiles(problems=("not read: the helper cannot be asked",), unreadable=True)
-        else:
-            raise FilesPending(uid)
-        self._report(uid, files.problems)
-        return files
-
-    def _read(self, uid: int) -> UserFiles:
-        if self.helper is not None:
-            return self._from_helper(uid)
-        if self.read_files is None:
-            return UserFiles(problems=("user files are not read here",), unreadable=True)
-        try:
-            states = self.read_files(uid, self.users.max_file_size)
-        except Exception as err:  # the helper died or hangs: fail closed
-            files = UserFiles(problems=(f"cannot read: {err}",), unreadable=True)
-        else:
-            files = user_files_from(states, self.users)
-        self._report(uid, files.problems)
-        return files
-
-    def _report(self, uid: int, problems: tuple[str, ...]) -> None:
-        """One short line for what cannot be used of a user's files: when it changes, and
-        else at most once per cache period (and PROBLEM_LOG_INTERVAL), however often the
-        files are read; a file cannot flood the log."""
-        if not problems:
-            self._reported.pop(uid, None)
-            return
-        now = self.now
-        interval = max(float(self.users.cache_seconds), PROBLEM_LOG_INTERVAL)
-        last = self._reported.get(uid)
-        if last is not None and last[0] == problems and now - last[1] < interval:
-            return
-        if len(self._reported) >= NAME_CACHE_SIZE:
-            self._reported.clear()
-        self._reported[uid] = (problems, now)
-        log.warning("uid %d: %s", uid, printable("; ".join(problems), 300))
 
 
 class Responder:
@@ -576,45 +310,6 @@ class Responder:
         return Answer(out, reply, f"{rule}: {note}", answer.found, answer.owner)
 
 
-def translated_reply(plan: Forward, line: bytes | None, failure: str) -> tuple[Reply, str]:
-    """What to send for an inner host's answer (NAT), and a note for the log.
-
-    The answer must be about the inner port pair that was asked; a USERID's id and
-    OS token pass the reply validators again. The inner host's own errors are its
-    policy and are passed on; no answer, or one not understood, gives the fallback
-    (the [[nat.map]] entry, else UNKNOWN-ERROR).
-    """
-    nat = plan.nat
-    assert nat is not None
-    answered, note = read_answer(line, failure, plan.ask)
-    if answered is not None:
-        try:
-            format_reply(1, 1, answered)
-        except ReplyError as err:
-            note = f"answer refused: {err}"
-        else:
-            return answered, note
-    return nat.fallback, f"{note}; {nat.fallback_rule}"
-
-
-def read_answer(line: bytes | None, failure: str, asked: Query) -> tuple[Reply | None, str]:
-    """Another ident server's answer (end of line removed) to the query `asked`: the reply
-    it carries and "answered", or None and why not. It is read like any reply
-    (protocol.parse_reply) and must be about the port pair asked; an error outside the
-    RFC's four is no answer."""
-    if line is None or failure:
-        return None, failure or "failed"
-    try:
-        parsed = parse_reply(line)
-    except ValueError as err:
-        return None, f"answer not understood: {err}"
-    if (parsed.server_port, parsed.client_port) != (asked.server_port, asked.client_port):
-        return None, "answer about another port pair"
-    if isinstance(parsed.reply, str):
-        return None, f"answer with an unknown error {parsed.reply[:40]!r}"
-    return parsed.reply, "answered"
-
-
 @contextlib.contextmanager
 def _both(
     first: AbstractContextManager[None], second: AbstractContextManager[None]
@@ -625,62 +320,6 @@ def _both(
 
 class Ambiguous(Exception):
     """A query that fits more than one connection (one asked by a NAT gateway)."""
-
-
-def forwarded_reply(
-    query: Query,
-    plan: Forward,
-    line: bytes | None,
-    failure: str,
-    facts: policy.Facts,
-    config: ReplyConfig,
-) -> tuple[Reply, str]:
-    """What to send for a forward's result, and a note for the log.
-
-    The application's answer is read like any reply (protocol.parse_reply) and
-    must be about the same port pair; its id passes the one validator again
-    when formatted. When the forward was a user's choice, the id must also be
-    one the user may send (policy.check_spoof), and an error (which conceals the
-    owner as hiding does) needs the user's hide capability. A forward that fails gives
-    UNKNOWN-ERROR for a rule's forward; for a user's, HIDDEN-USER if the user
-    may hide, else the owner's name (as oidentd does).
-    """
-    decision = plan.decision
-    assert decision is not None and plan.owner is not None
-    may = decision.capabilities
-    charset = config.charset or None
-    reply: Reply | None = None
-    answered, note = read_answer(line, failure, plan.ask)
-    if isinstance(answered, ErrorReply):
-        # Any error conceals the owner: from a user's own application it stands only
-        # where the user may hide (else the fallback below names them).
-        if may is None or "hide" in may:
-            reply = answered
-        else:
-            note = f"answer ERROR:{answered.error.value} refused: needs hide"
-    elif answered is not None:
-        user_id = answered.user_id
-        refusal = ""
-        if may is not None:
-            refusal = policy.check_spoof(user_id, plan.owner, plan.conn, may, facts)
-        try:
-            format_reply(1, 1, UserIdReply(user_id, decision.os))
-        except ReplyError as err:
-            refusal = str(err)
-        if refusal:
-            note = f"answer {user_id[:40]!r} refused: {refusal}"
-        else:
-            # The owner's login name goes as UNIX (or [reply] os); any other id as OTHER.
-            opsys = config.os if user_id == plan.owner.name else decision.os
-            reply = UserIdReply(user_id, opsys, charset)
-    if reply is None:
-        if may is None:
-            reply = policy.UNKNOWN_ERROR
-        elif "hide" in may or plan.owner.name is None:
-            reply = policy.HIDDEN_USER
-        else:
-            reply = UserIdReply(plan.owner.name, config.os, charset)
-    return reply, note
 
 
 def _describe(conn: ConnectionId) -> str:

@@ -25,7 +25,7 @@ from types import FrameType
 from procident.admission import Admission, RateLimiter, Ticket, client_key, refusal_words
 from procident.answerlog import record_answer
 from procident.config import Config, ConfigError
-from procident.forward import ForwardClient, ForwardFailed
+from procident.forwarding import Forwards
 from procident.homes import HELPER_TIMEOUT
 from procident.listeners import ListenError, open_listeners
 from procident.lookup import ConnectionId, Endpoint, IPAddress, endpoint_from_sockaddr
@@ -82,7 +82,6 @@ class Connection:
         "output",
         "events",
         "asking",
-        "forwarding",
         "awaiting",
         "flush_by",
         "due",
@@ -104,8 +103,6 @@ class Connection:
         self.output = bytearray()  # replies the kernel has not taken yet
         self.events = 0  # the selector events registered (0: not registered)
         self.asking: Ask | None = None  # the session's Ask being answered
-        # An answer waiting for another ident server: (client, answer so far).
-        self.forwarding: tuple[ForwardClient, Answer] | None = None
         self.awaiting: int | None = None  # the uid whose files the helper is reading
         self.flush_by: float | None = None  # closed: the time left to send its output
         self.due: float | None = None  # the deadline last put in the server's heap
@@ -144,10 +141,8 @@ class Server:
         # skipped (a connection's current one is Connection.due).
         self.deadlines: list[tuple[float, int, Connection]] = []
         self.pushed = 0
-        # Connections waiting for another ident server, in order of its deadline.
-        self.forwards: OrderedDict[Connection, float] = OrderedDict()
-        # Inner connections (NAT) being asked about -> how many forwards ask: the loop guard.
-        self.nat_asking: dict[tuple[Endpoint, Endpoint], int] = {}
+        # Connections waiting for another ident server (and the NAT loop guard).
+        self.forwards = Forwards(self.selector, self._forward_done)
         # Connections whose query waits for the helper to read a user's files: uid ->
         # them, and uid -> when to answer without the files (one timeout for all).
         self.file_waits: dict[int, list[Connection]] = {}
@@ -181,6 +176,10 @@ class Server:
     @property
     def limiter(self) -> RateLimiter:
         return self.admission.limiter
+
+    @property
+    def nat_asking(self) -> dict[tuple[Endpoint, Endpoint], int]:
+        return self.forwards.nat_asking
 
     # -- the loop -------------------------------------------------------------
 
@@ -237,8 +236,9 @@ class Server:
 
     def _timeout(self) -> float | None:
         deadlines = [entry[0] for entry in self.deadlines[:1]]
-        if self.forwards:
-            deadlines.append(next(iter(self.forwards.values())))
+        forward_due = self.forwards.next_deadline()
+        if forward_due is not None:
+            deadlines.append(forward_due)
         if self.file_deadlines:
             deadlines.append(next(iter(self.file_deadlines.values())))
         if self.resume_accepting_at is not None:
@@ -258,11 +258,7 @@ class Server:
                 break
             self.responder.accounts.give_up(uid)
             self._files_came(uid)
-        while self.forwards:
-            conn, deadline = next(iter(self.forwards.items()))
-            if deadline > now:
-                break
-            self._forward_done(conn, None, f"no answer in {self.config.forward.timeout:g}s")
+        self.forwards.expire(now, self.config.forward.timeout)
         while self.deadlines and self.deadlines[0][0] <= now:
             due, _, conn = heapq.heappop(self.deadlines)
             if conn not in self.sessions or conn.due != due:
@@ -339,10 +335,7 @@ class Server:
         now = self.clock()
         self.admission.update(config.limits, config.access)
         if config.forward.timeout < self.config.forward.timeout:
-            cap = now + config.forward.timeout
-            for conn, deadline in sorted(self.forwards.items(), key=lambda item: item[1]):
-                self.forwards[conn] = min(deadline, cap)
-                self.forwards.move_to_end(conn)
+            self.forwards.shorten(now + config.forward.timeout)
         self.config = config
         self.responder.config = config
         rules = rules_from(config.limits, config.reply)
@@ -576,7 +569,7 @@ class Server:
         if not clients:
             del self.by_client[conn.ticket.key]
         self.admission.release(conn.ticket)
-        self._drop_forward(conn)
+        self.forwards.drop(conn)
         if conn.awaiting is not None:
             waiting = self.file_waits.get(conn.awaiting, [])
             if conn in waiting:
@@ -657,71 +650,21 @@ class Server:
     # -- forwards -------------------------------------------------------------
 
     def _forward(self, conn: Connection, query: Query, answer: Answer) -> None:
-        assert answer.forward is not None
-        nat = answer.forward.nat
-        # The loop guard: gateways that forward to each other in a circle would pass one
-        # query around until every timeout ran out. A query forwarded by a gateway about
-        # an inner connection this daemon is already asking about is such a circle (or a
-        # repeat), and is not forwarded again.
-        if nat is not None and nat.from_gateway and nat.key in self.nat_asking:
-            failure = f"loop guard: already asking about {nat.inner.local}"
+        deadline = self.clock() + self.config.forward.timeout
+        failure = self.forwards.start(conn, answer, deadline)
+        if failure:
             self._answered(conn, self.responder.finish_forward(query, answer, None, failure))
-            return
-        try:
-            client = ForwardClient(answer.forward.target, answer.forward.ask)
-        except ForwardFailed as err:
-            self._answered(conn, self.responder.finish_forward(query, answer, None, str(err)))
-            return
-        if nat is not None:
-            self.nat_asking[nat.key] = self.nat_asking.get(nat.key, 0) + 1
-        conn.forwarding = (client, answer)
-        self.forwards[conn] = self.clock() + self.config.forward.timeout
-        self.selector.register(
-            client.sock, client.events, functools.partial(self._on_forward, conn)
-        )
 
-    def _on_forward(self, conn: Connection, mask: int) -> None:
-        assert conn.forwarding is not None
-        client = conn.forwarding[0]
-        try:
-            line = client.handle(mask)
-        except ForwardFailed as err:
-            self._forward_done(conn, None, str(err))
-            return
-        except Exception:
-            log.exception("unexpected error forwarding to %s", client.target)
-            self._forward_done(conn, None, "internal error")
-            return
-        if line is not None:
-            self._forward_done(conn, line, "")
-        else:
-            self.selector.modify(
-                client.sock, client.events, functools.partial(self._on_forward, conn)
-            )
-
-    def _forward_done(self, conn: Connection, line: bytes | None, failure: str) -> None:
-        """The forward of `conn` has an answer `line`, or failed: reply, then go on."""
-        assert conn.forwarding is not None and conn.asking is not None
-        _, answer = conn.forwarding
-        query = conn.asking.query
+    def _forward_done(
+        self, owner: Hashable, answer: Answer, line: bytes | None, failure: str
+    ) -> None:
+        """The forward of `owner` (a connection) has an answer `line`, or failed: reply,
+        then go on."""
+        assert isinstance(owner, Connection) and owner.asking is not None
+        query = owner.asking.query
         self.metrics.forwards["answered" if line is not None else "failed"] += 1
-        self._drop_forward(conn)
 
         def finish(conn: Connection) -> None:
             self._answered(conn, self.responder.finish_forward(query, answer, line, failure))
 
-        self._continue(conn, finish)
-
-    def _drop_forward(self, conn: Connection) -> None:
-        if conn.forwarding is None:
-            return
-        client, answer = conn.forwarding
-        conn.forwarding = None
-        del self.forwards[conn]
-        nat = answer.forward.nat if answer.forward is not None else None
-        if nat is not None:
-            count = self.nat_asking.pop(nat.key) - 1
-            if count:
-                self.nat_asking[nat.key] = count
-        self.selector.unregister(client.sock)
-        client.close()
+        self._continue(owner, finish)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from test_server import Clock, connect, pump, received
 
 from procident.config import Config, parse_config
+from procident.forwarded import translated_reply
 from procident.lookup import (
     ConnectionId,
     Endpoint,
@@ -33,7 +34,7 @@ from procident.lookup.conntrack import ConntrackTable, find_translated
 from procident.lookup.procfs import find_any_remote
 from procident.policy import HIDDEN_USER, UNKNOWN_ERROR
 from procident.protocol import Query, UserIdReply
-from procident.responder import Responder, translated_reply
+from procident.responder import Responder
 from procident.server import Server, open_listeners
 
 DATA = Path(__file__).parent / "data"

@@ -9,10 +9,11 @@ from dataclasses import replace
 import pytest
 from conftest import DictBackend
 
+from procident.accounts import UserNames, passwd_name
 from procident.config import Config, ReplyConfig
 from procident.lookup import ConnectionId, Endpoint, Found, LookupFailed, SocketEntry, TcpState
 from procident.protocol import Query
-from procident.responder import Responder, UserNames, passwd_name
+from procident.responder import Responder
 
 LOCAL = Endpoint(ipaddress.IPv6Address("2001:db8::1"), 40001)
 REMOTE = Endpoint(ipaddress.IPv6Address("2001:db8::7"), 6667)
