@@ -1,16 +1,28 @@
-"""Listening sockets: opening them from [server] listen (systemd's come ready-made)."""
+"""Listening sockets: opening them from [server] listen (systemd's come ready-made), and
+taking connections from them in batches, pausing instead of spinning when out of file
+descriptors."""
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
+import selectors
 import socket
+from collections.abc import Callable
 
 from procident.lookup import Endpoint
 
 log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 128
+ACCEPT_BATCH = 64  # connections taken per readable listener, so no listener starves the rest
+ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE and the like
+PAUSE_LOG_INTERVAL = 10.0
+# accept() errors that mean "out of a resource": retrying at once would spin.
+_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# accept() errors about one connection that went away before we took it.
+_ABORTED = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
 
 
 class ListenError(Exception):
@@ -64,3 +76,89 @@ def _listen(endpoint: Endpoint) -> socket.socket | None:
             return None
         raise ListenError(f"cannot listen on {endpoint}: {err.strerror}") from None
     return sock
+
+
+class Acceptor:
+    """Takes connections from `listeners` (registered in `selector`) and hands each to
+    `admit(sock, address)`, ACCEPT_BATCH at most per readable listener and turn.
+
+    Out of file descriptors or memory, accept() would fail at once again: the listeners
+    leave the selector for ACCEPT_PAUSE seconds, or until `resume` (a client left).
+    """
+
+    def __init__(
+        self,
+        listeners: list[socket.socket],
+        selector: selectors.BaseSelector,
+        admit: Callable[[socket.socket, tuple[str, int]], None],
+        clock: Callable[[], float],
+    ) -> None:
+        self.listeners = listeners
+        self.selector = selector
+        self.admit = admit
+        self.clock = clock
+        self.resume_at: float | None = None
+        self.pauses = 0
+        self.pause_logged_at = float("-inf")
+        self._listen()
+
+    def tick(self, now: float) -> None:
+        if self.resume_at is not None and now >= self.resume_at:
+            self.resume()
+
+    def resume(self) -> None:
+        """Accept again, if paused."""
+        if self.resume_at is not None:
+            self.resume_at = None
+            self._listen()
+
+    def close(self) -> None:
+        for sock in self.listeners:
+            if self.resume_at is None:
+                self.selector.unregister(sock)
+            sock.close()
+
+    def _listen(self) -> None:
+        for sock in self.listeners:
+            self.selector.register(
+                sock, selectors.EVENT_READ, functools.partial(self._accept, sock)
+            )
+
+    def _accept(self, listener: socket.socket, mask: int) -> None:
+        if self.resume_at is not None:
+            return  # paused by another listener earlier in this same turn
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as err:
+                if err.errno in _ABORTED:
+                    continue
+                # Out of file descriptors or memory, or stranger: the pending
+                # connection stays in the backlog and the listener readable, so
+                # retrying now would spin.
+                self._pause(err)
+                return
+            self.admit(sock, address)
+
+    def _pause(self, err: OSError) -> None:
+        now = self.clock()
+        self.pauses += 1
+        if now - self.pause_logged_at >= PAUSE_LOG_INTERVAL:
+            # At most one line per interval: a client leaving resumes accepting at once,
+            # so a daemon at its file limit may pause often.
+            level = logging.WARNING if err.errno in _EXHAUSTED else logging.ERROR
+            log.log(
+                level,
+                "cannot accept: %s; not accepting for %.0fs, or until a client leaves "
+                "(%d pause(s) since the last line)",
+                err.strerror,
+                ACCEPT_PAUSE,
+                self.pauses,
+            )
+            self.pauses = 0
+            self.pause_logged_at = now
+        for sock in self.listeners:
+            self.selector.unregister(sock)
+        self.resume_at = now + ACCEPT_PAUSE

@@ -9,7 +9,6 @@ waiting, and hands every record to the one answer sink (procident.answerlog).
 
 from __future__ import annotations
 
-import errno
 import functools
 import heapq
 import logging
@@ -27,7 +26,7 @@ from procident.answerlog import record_answer
 from procident.config import Config, ConfigError
 from procident.forwarding import Forwards
 from procident.homes import HELPER_TIMEOUT
-from procident.listeners import ListenError, open_listeners
+from procident.listeners import Acceptor, ListenError, open_listeners
 from procident.lookup import ConnectionId, Endpoint, IPAddress, endpoint_from_sockaddr
 from procident.metrics import Metrics
 from procident.metrics_http import ScrapeEndpoint, write_metrics_file
@@ -56,18 +55,12 @@ MAX_OUTPUT = OUTPUT_BOUND  # pending reply bytes past which a client is no longe
 # a fixed size keeps autotuning from parking megabytes for a client that never
 # reads (on loopback it grows with the 64 KiB MSS).
 SEND_BUFFER = 16384
-ACCEPT_BATCH = 64  # connections taken per readable listener, so no listener starves the rest
-ACCEPT_PAUSE = 1.0  # seconds without accepting after EMFILE and the like
 REFUSAL_LOG_INTERVAL = 10.0
 REAP_EVERY = 0.01  # seconds between two looks at every connection, at max_connections
 # Sections bound at start: listeners and the account (root is gone by a
 # reload), the lookup backend, the token key (readable by root only), and the
 # metrics listener and textfile.
 RESTART_ONLY = ("server", "lookup", "tokens", "metrics")
-# accept() errors that mean "out of a resource": retrying at once would spin.
-_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-# accept() errors about one connection that went away before we took it.
-_ABORTED = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
 
 
 class Connection:
@@ -148,9 +141,6 @@ class Server:
         self.file_waits: dict[int, list[Connection]] = {}
         self.file_deadlines: OrderedDict[int, float] = OrderedDict()
         self.helper = getattr(getattr(responder, "accounts", None), "helper", None)
-        self.resume_accepting_at: float | None = None
-        self.pauses = 0
-        self.pause_logged_at = float("-inf")
         self.reaped_at = float("-inf")  # the last look for closed connections at max_connections
         self.running = False
         self.signals: list[int] = []
@@ -158,7 +148,7 @@ class Server:
         for sock in (self._wakeup_r, self._wakeup_w):
             sock.setblocking(False)
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._drain_wakeup)
-        self._listen()
+        self.acceptor = Acceptor(self.listeners, self.selector, self._admit, clock)
         self.metrics_listener = metrics_listener
         self.scrape = (
             ScrapeEndpoint(metrics_listener, self.selector, self.render_metrics, clock)
@@ -176,6 +166,10 @@ class Server:
     @property
     def limiter(self) -> RateLimiter:
         return self.admission.limiter
+
+    @property
+    def resume_accepting_at(self) -> float | None:
+        return self.acceptor.resume_at
 
     @property
     def nat_asking(self) -> dict[tuple[Endpoint, Endpoint], int]:
@@ -225,10 +219,7 @@ class Server:
             self.scrape.close()
         if self.helper is not None and not self.helper.gone:
             self.selector.unregister(self.helper)
-        for sock in self.listeners:
-            if self.resume_accepting_at is None:
-                self.selector.unregister(sock)
-            sock.close()
+        self.acceptor.close()
         self.listeners = []
         self.selector.close()
         self._wakeup_r.close()
@@ -241,8 +232,8 @@ class Server:
             deadlines.append(forward_due)
         if self.file_deadlines:
             deadlines.append(next(iter(self.file_deadlines.values())))
-        if self.resume_accepting_at is not None:
-            deadlines.append(self.resume_accepting_at)
+        if self.acceptor.resume_at is not None:
+            deadlines.append(self.acceptor.resume_at)
         if self.next_textfile is not None:
             deadlines.append(self.next_textfile)
         if self.scrape is not None:
@@ -274,9 +265,7 @@ class Server:
         if self.next_textfile is not None and now >= self.next_textfile:
             self.write_textfile()
             self.next_textfile = now + self.config.metrics.interval
-        if self.resume_accepting_at is not None and now >= self.resume_accepting_at:
-            self.resume_accepting_at = None
-            self._listen()
+        self.acceptor.tick(now)
 
     # -- signals and reloads --------------------------------------------------
 
@@ -358,51 +347,6 @@ class Server:
             write_metrics_file(self.config.metrics.textfile, self.render_metrics())
 
     # -- accepting ------------------------------------------------------------
-
-    def _listen(self) -> None:
-        for sock in self.listeners:
-            self.selector.register(
-                sock, selectors.EVENT_READ, functools.partial(self._accept, sock)
-            )
-
-    def _accept(self, listener: socket.socket, mask: int) -> None:
-        if self.resume_accepting_at is not None:
-            return  # paused by another listener earlier in this same turn
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, address = listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as err:
-                if err.errno in _ABORTED:
-                    continue
-                # Out of file descriptors or memory, or stranger: the pending
-                # connection stays in the backlog and the listener readable, so
-                # retrying now would spin.
-                self._pause_accepting(err)
-                return
-            self._admit(sock, address)
-
-    def _pause_accepting(self, err: OSError) -> None:
-        now = self.clock()
-        self.pauses += 1
-        if now - self.pause_logged_at >= REFUSAL_LOG_INTERVAL:
-            # At most one line per interval: a client leaving resumes accepting at once,
-            # so a daemon at its file limit may pause often.
-            level = logging.WARNING if err.errno in _EXHAUSTED else logging.ERROR
-            log.log(
-                level,
-                "cannot accept: %s; not accepting for %.0fs, or until a client leaves "
-                "(%d pause(s) since the last line)",
-                err.strerror,
-                ACCEPT_PAUSE,
-                self.pauses,
-            )
-            self.pauses = 0
-            self.pause_logged_at = now
-        for sock in self.listeners:
-            self.selector.unregister(sock)
-        self.resume_accepting_at = self.clock() + ACCEPT_PAUSE
 
     def _admit(self, sock: socket.socket, address: tuple[str, int]) -> None:
         try:
@@ -578,10 +522,7 @@ class Server:
         if conn.events:
             self.selector.unregister(conn.sock)
         conn.sock.close()
-        if self.resume_accepting_at is not None:
-            # Paused for want of a file descriptor: one is free now.
-            self.resume_accepting_at = None
-            self._listen()
+        self.acceptor.resume()  # if paused for want of a file descriptor: one is free now
 
     # -- answering a query ----------------------------------------------------
 
