@@ -289,10 +289,10 @@ def test_json_log_and_no_user_names(start_daemon) -> None:
 
 
 def test_min_response_time_hides_latency(start_daemon) -> None:
-    """With reply.min_response_time, hidden, absent and found owners answer in the same
-    time: every reply of 25 per kind comes no sooner than the minimum, and the medians
-    of the three distributions are within a tenth of each other."""
-    import statistics
+    """With reply.min_response_time, hidden, absent and found owners all wait it: every
+    reply of 25 per kind comes no sooner than the minimum (that each is sent at exactly
+    that time, whatever its lookup took, is pinned on the session's own clock:
+    tests/test_session.py::test_hidden_absent_and_found_leave_at_the_same_time)."""
     import time as clock
 
     delay = 0.05
@@ -317,5 +317,3 @@ def test_min_response_time_hides_latency(start_daemon) -> None:
                 expected = {"hidden": b"HIDDEN-USER", "absent": b"NO-USER", "found": b"bin"}
                 assert reply.endswith(expected[kind] + b"\r\n"), reply
     assert all(t >= delay for samples in times.values() for t in samples)
-    medians = [statistics.median(samples) for samples in times.values()]
-    assert max(medians) / min(medians) < 1.1, medians

@@ -73,10 +73,16 @@ def test_find_any_remote(local, remote_port, expected) -> None:
 
 
 def test_find_any_remote_owned_first() -> None:
-    """A socket no process holds (FIN_WAIT2) is listed after one a process holds."""
-    found = find_any_remote(ep("127.0.0.1", 40005), 6667, TCP4, TCP6, byteorder="little")
-    assert [f.entry.owned for f in found] == [False]
-    assert found[0].entry.state == TcpState.FIN_WAIT2
+    """A socket no process holds (FIN_WAIT2) is listed after one a process holds, though the
+    table lists it first: 127.0.0.1:40005 has both, to two remote addresses."""
+    owned = (
+        "  12: 0100007F:9C45 0200007F:1A0B 01 00000000:00000000 00:00000000 00000000"
+        "     7        0 7999 1 0000000000000000 20 0 0 10 -1\n"
+    )
+    assert TCP4.index("0100007F:9C45 0100007F:1A0B 05") < len(TCP4)  # the unowned one
+    found = find_any_remote(ep("127.0.0.1", 40005), 6667, TCP4 + owned, TCP6, byteorder="little")
+    assert [(f.entry.owned, f.entry.uid) for f in found] == [(True, 7), (False, 0)]
+    assert found[1].entry.state == TcpState.FIN_WAIT2
 
 
 # -- the conntrack stream -------------------------------------------------------------

@@ -283,3 +283,31 @@ def test_end_of_input_answers_what_came_then_closes() -> None:
     driver = Driver()
     assert driver.run([b"1,1\r\n40001,6667\r\n2,2"], True) == b"1,1:ERROR:NO-USER\r\n" + ALICE
     assert driver.closed is not None and driver.closed.reason == "done"
+
+
+def test_hidden_absent_and_found_leave_at_the_same_time() -> None:
+    """With min_response_time, a reply leaves exactly that long after its query was read,
+    however long its lookup took (answered at once, or just before the time): the latency
+    tells nothing about the owner."""
+    delay = 0.05
+    for took in (0.0, 0.001, 0.03, 0.0499):
+        session = IdentSession(SessionRules(min_response_time=delay), 0.0)
+        session.receive_data(b"40001,6667\r\n", 1.0)
+        ask = session.next_action(1.0)
+        assert isinstance(ask, Ask)
+        session.answer(ask.seq, lookup(ask.query), 1.0 + took)
+        assert session.next_action(1.0 + took) is PAUSED
+        assert session.deadline == pytest.approx(1.0 + delay)
+        assert session.next_action(1.0 + delay - 1e-6) is PAUSED
+        send = session.next_action(1.0 + delay)
+        assert isinstance(send, Send) and send.line == ALICE
+
+
+def test_each_reply_is_one_send() -> None:
+    """Pipelined queries, split anyhow: each Send is exactly one whole reply line (the
+    drivers write each Send with one send: libident fails on replies in pieces)."""
+    driver = Driver()
+    data = b"1,1\r\n40001,6667\r\n0,5\r\n2,2\r\n"
+    driver.run(chunked(data, "random", seed=7), True)
+    assert [send.line.count(b"\n") for send in driver.sends] == [1, 1, 1, 1]
+    assert all(send.line.endswith(b"\r\n") for send in driver.sends)
