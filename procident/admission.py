@@ -12,7 +12,6 @@ count since the last line.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from procident.config import AccessConfig, LimitsConfig
 from procident.lookup import IPAddress
 
+CAPS = ("max_connections", "per_client_connections")
 MAX_OVERFLOW = 64  # connections over a cap kept open at once to be answered UNKNOWN-ERROR
 REFUSAL_LOG_INTERVAL = 10.0
 
@@ -29,7 +29,7 @@ class Ticket:
     """An admitted connection: its client, and the cap it was admitted over ("" when
     within every cap; its session's first query then hears UNKNOWN-ERROR)."""
 
-    key: Hashable
+    key: int
     refused: str = ""
 
 
@@ -41,7 +41,7 @@ class Admission:
         self.limits = limits
         self.access = access or AccessConfig()
         self.limiter = RateLimiter.for_limits(limits)
-        self.per_client: dict[Hashable, int] = {}
+        self.per_client: dict[int, int] = {}
         self.within = 0  # connections admitted within the caps
         self.overflow = 0  # connections admitted over a cap, only to be refused
         self.refusals: dict[str, int] = {}
@@ -58,7 +58,8 @@ class Admission:
     def admit(self, address: IPAddress) -> Ticket | str:
         """A ticket for a new connection from `address`, or the name of the limit that
         refuses it outright ("access", "max_connections", "per_client_connections")."""
-        if not allowed(address, self.access):
+        access = self.access
+        if (access.allow or access.deny) and not allowed(address, access):
             return "access"
         limits = self.limits
         key = client_key(address)
@@ -88,15 +89,10 @@ class Admission:
         else:
             del self.per_client[ticket.key]
 
-    def at_cap(self, address: IPAddress) -> bool:
-        """Whether a connection from `address` would be over a cap now."""
-        return self.within >= self.limits.max_connections or (
-            self.per_client.get(client_key(address), 0) >= self.limits.per_client_connections
-        )
-
-    def allow(self, key: Hashable, now: float) -> bool:
+    def allow(self, key: int, now: float) -> bool:
         """One query of client `key` at `now`: False when over its rate."""
-        return self.limiter.allow(key, now)
+        limiter = self.limiter
+        return limiter.rate <= 0 or limiter.allow(key, now)
 
     def refused(self, limit: str, now: float) -> int:
         """Count one refusal by `limit`; the count to log now (and since the last line), or
@@ -122,12 +118,14 @@ def _rate_settings(limits: LimitsConfig) -> tuple[float, int, int]:
     return limits.per_client_rate, limits.per_client_burst, limits.clients_tracked
 
 
-def client_key(address: IPAddress) -> IPAddress | ipaddress.IPv6Network:
-    """What counts as one client for the per-client cap: an IPv4 address, or an IPv6 /64
-    (one host commonly holds a whole /64, so counting addresses would cap nothing)."""
+def client_key(address: IPAddress) -> int:
+    """What counts as one client for the per-client caps and rate: an IPv4 address, or an
+    IPv6 /64 (one host commonly holds a whole /64, so counting addresses would cap
+    nothing). An int (IPv4 addresses as they are, /64 prefixes negative), so the tables
+    hash it cheaply on every connection."""
     if address.version == 6:
-        return ipaddress.IPv6Network((int(address) >> 64 << 64, 64))
-    return address
+        return -1 - (int(address) >> 64)
+    return int(address)
 
 
 def allowed(address: IPAddress, access: AccessConfig) -> bool:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import replace
 from types import FrameType
 
-from procident.admission import Admission, RateLimiter, Ticket, client_key, refusal_words
+from procident.admission import CAPS, Admission, RateLimiter, Ticket, client_key, refusal_words
 from procident.answerlog import record_answer
 from procident.config import Config, ConfigError
 from procident.forwarding import Forwards
@@ -56,6 +56,7 @@ MAX_OUTPUT = OUTPUT_BOUND  # pending reply bytes past which a client is no longe
 # reads (on loopback it grows with the 64 KiB MSS).
 SEND_BUFFER = 16384
 REFUSAL_LOG_INTERVAL = 10.0
+_SILENT = frozenset({"done", "refused", "malformed"})  # Close records nothing logs or counts
 REAP_EVERY = 0.01  # seconds between two looks at every connection, at max_connections
 # Sections bound at start: listeners and the account (root is gone by a
 # reload), the lookup backend, the token key (readable by root only), and the
@@ -128,8 +129,9 @@ class Server:
         self.clock = clock
         self.selector = selectors.DefaultSelector()
         self.admission = Admission(config.limits, config.access)
+        self.rules = rules_from(config.limits, config.reply)  # for each new session
         self.sessions: dict[Connection, None] = {}  # every open connection, oldest first
-        self.by_client: dict[Hashable, set[Connection]] = {}
+        self.by_client: dict[int, set[Connection]] = {}
         # (deadline, order, connection): when to tick a session; stale entries are
         # skipped (a connection's current one is Connection.due).
         self.deadlines: list[tuple[float, int, Connection]] = []
@@ -226,21 +228,20 @@ class Server:
         self._wakeup_w.close()
 
     def _timeout(self) -> float | None:
-        deadlines = [entry[0] for entry in self.deadlines[:1]]
-        forward_due = self.forwards.next_deadline()
-        if forward_due is not None:
-            deadlines.append(forward_due)
-        if self.file_deadlines:
-            deadlines.append(next(iter(self.file_deadlines.values())))
-        if self.acceptor.resume_at is not None:
-            deadlines.append(self.acceptor.resume_at)
-        if self.next_textfile is not None:
-            deadlines.append(self.next_textfile)
-        if self.scrape is not None:
-            deadlines += self.scrape.deadlines()
-        if not deadlines:
+        soonest = self.deadlines[0][0] if self.deadlines else None
+        for due in (
+            self.forwards.next_deadline(),
+            next(iter(self.file_deadlines.values()), None) if self.file_deadlines else None,
+            self.acceptor.resume_at,
+            self.next_textfile,
+        ):
+            if due is not None and (soonest is None or due < soonest):
+                soonest = due
+        if self.scrape is not None and self.scrape.scrapers:
+            soonest = min([*self.scrape.deadlines(), *([soonest] if soonest is not None else [])])
+        if soonest is None:
             return None
-        return max(0.0, min(deadlines) - self.clock())
+        return max(0.0, soonest - self.clock())
 
     def _tick(self, now: float) -> None:
         while self.file_deadlines:
@@ -327,10 +328,12 @@ class Server:
             self.forwards.shorten(now + config.forward.timeout)
         self.config = config
         self.responder.config = config
-        rules = rules_from(config.limits, config.reply)
+        self.rules = rules = rules_from(config.limits, config.reply)
         for conn in self.sessions:
             conn.session.update_rules(rules, now)
-            self._schedule(conn)
+            deadline = conn.deadline
+            if deadline is not None and deadline != conn.due:
+                self._schedule(conn, deadline)
 
     # -- metrics --------------------------------------------------------------
 
@@ -357,27 +360,37 @@ class Server:
         except OSError:  # reset before we looked
             sock.close()
             return
-        if self.admission.at_cap(peer.address):
-            self._reap(peer.address)
-        ticket = self.admission.admit(peer.address)
+        admission = self.admission
+        ticket = admission.admit(peer.address)
+        over = ticket if isinstance(ticket, str) else ticket.refused
+        if over in CAPS and self._reap(peer.address):
+            # Connections the client had closed made room: admit it again.
+            if isinstance(ticket, Ticket):
+                admission.release(ticket)
+            ticket = admission.admit(peer.address)
+            over = ticket if isinstance(ticket, str) else ticket.refused
         if isinstance(ticket, str):
             sock.close()
             self._refused(ticket, peer)
             return
-        if ticket.refused:
-            self._refused(ticket.refused, peer)  # admitted only to hear UNKNOWN-ERROR
+        if over:
+            self._refused(over, peer)  # admitted only to hear UNKNOWN-ERROR
         key = ticket.key
-        rules = replace(rules_from(self.config.limits, self.config.reply), refused=ticket.refused)
+        rules = replace(self.rules, refused=over) if over else self.rules
         now = self.clock()
-        session = IdentSession(rules, now, lambda at: self.admission.allow(key, at))
+        session = IdentSession(rules, now, functools.partial(admission.allow, key))
         conn = Connection(sock, peer, local, ticket, session)
         self.sessions[conn] = None
-        self.by_client.setdefault(key, set()).add(conn)
+        group = self.by_client.get(key)
+        if group is None:
+            self.by_client[key] = {conn}
+        else:
+            group.add(conn)
         # Clients send their query right after connecting: read it now, in this turn
         # (and its lookup batch), instead of a turn later.
         self._on_event(conn, selectors.EVENT_READ)
 
-    def _reap(self, address: IPAddress) -> None:
+    def _reap(self, address: IPAddress) -> int:
         """Before refusing a connection over a cap, take the end of input of this client's
         connections (of every client's, at max_connections: once a turn at most) that
         closed while this loop was busy accepting: a client that never has more than N
@@ -388,9 +401,12 @@ class Server:
         if self.admission.within >= limits.max_connections and now - self.reaped_at >= REAP_EVERY:
             self.reaped_at = now
             candidates = list(self.sessions)
+        reaped = 0
         for conn in candidates:
             if conn in self.sessions and conn.session.wants_read(len(conn.output)):
                 self._on_event(conn, selectors.EVENT_READ)
+                reaped += conn not in self.sessions
+        return reaped
 
     def _refused(self, limit: str, peer: Endpoint) -> None:
         # A flood must not flood the log too: per limit, one line per interval, with a count.
@@ -429,51 +445,58 @@ class Server:
     def _pump(self, conn: Connection) -> None:
         """Take the session's actions until it waits; then wait for what it needs."""
         session = conn.session
-        while conn in self.sessions:
-            action = session.next_action(self.clock(), len(conn.output))
-            if isinstance(action, Ask):
-                conn.asking = action
+        sessions = self.sessions
+        now = self.clock()
+        while conn in sessions:
+            action = session.next_action(now, len(conn.output))
+            kind = type(action)
+            if kind is Send:
+                self._sink(conn, action.record)  # type: ignore[union-attr]
+                self._queue(conn, action.line)  # type: ignore[union-attr]
+            elif kind is Ask:
+                conn.asking = action  # type: ignore[assignment]
                 self._resolve(conn)
-            elif isinstance(action, Send):
-                self._sink(conn, action.record)
-                self._queue(conn, action.line)
-            elif isinstance(action, Close):
-                self._sink(conn, action.record)
-                conn.flush_by = self.clock() + self.config.limits.idle_timeout
+                now = self.clock()
+            elif kind is Close:
+                if action.record.kind not in _SILENT:  # type: ignore[union-attr]
+                    self._sink(conn, action.record)  # type: ignore[union-attr]
+                conn.flush_by = now + self.config.limits.idle_timeout
                 break
             else:
                 break
-        if conn not in self.sessions:
+        if conn not in sessions:
             return
-        if session.phase is CLOSED and not conn.output:
+        output = conn.output
+        if session.phase is CLOSED and not output:
             self._close(conn)  # everything said
             return
-        events = (selectors.EVENT_READ if session.wants_read(len(conn.output)) else 0) | (
-            selectors.EVENT_WRITE if conn.output else 0
+        events = (selectors.EVENT_READ if session.wants_read(len(output)) else 0) | (
+            selectors.EVENT_WRITE if output else 0
         )
         if events != conn.events:
-            callback = functools.partial(self._on_event, conn)
+            # The callback is made here, not kept on the connection: that would be a
+            # reference cycle, left to the cyclic garbage collector for every connection.
             if not events:
                 self.selector.unregister(conn.sock)
             elif not conn.events:
-                self.selector.register(conn.sock, events, callback)
+                self.selector.register(conn.sock, events, functools.partial(self._on_event, conn))
             else:
-                self.selector.modify(conn.sock, events, callback)
+                self.selector.modify(conn.sock, events, functools.partial(self._on_event, conn))
             conn.events = events
-        self._schedule(conn)
-
-    def _schedule(self, conn: Connection) -> None:
-        deadline = conn.deadline
+        deadline = session.deadline if session.phase is not CLOSED else conn.flush_by
         if deadline is not None and deadline != conn.due:
-            conn.due = deadline
-            self.pushed += 1
-            heapq.heappush(self.deadlines, (deadline, self.pushed, conn))
-            if len(self.deadlines) > 4 * len(self.sessions) + 64:
-                # Stale entries (deadlines that moved) make room: keep each one's current.
-                self.deadlines = [
-                    e for e in self.deadlines if e[2].due == e[0] and e[2] in self.sessions
-                ]
-                heapq.heapify(self.deadlines)
+            self._schedule(conn, deadline)
+
+    def _schedule(self, conn: Connection, deadline: float) -> None:
+        conn.due = deadline
+        self.pushed += 1
+        heapq.heappush(self.deadlines, (deadline, self.pushed, conn))
+        if len(self.deadlines) > 4 * len(self.sessions) + 64:
+            # Stale entries (deadlines that moved) make room: keep each one's current.
+            self.deadlines = [
+                e for e in self.deadlines if e[2].due == e[0] and e[2] in self.sessions
+            ]
+            heapq.heapify(self.deadlines)
 
     def _sink(self, conn: Connection, record: Record) -> None:
         record_answer(log, conn.peer, record, self.config.log.user_names, self.metrics)
@@ -513,7 +536,8 @@ class Server:
         if not clients:
             del self.by_client[conn.ticket.key]
         self.admission.release(conn.ticket)
-        self.forwards.drop(conn)
+        if self.forwards.under_way:
+            self.forwards.drop(conn)
         if conn.awaiting is not None:
             waiting = self.file_waits.get(conn.awaiting, [])
             if conn in waiting:
@@ -522,7 +546,8 @@ class Server:
         if conn.events:
             self.selector.unregister(conn.sock)
         conn.sock.close()
-        self.acceptor.resume()  # if paused for want of a file descriptor: one is free now
+        if self.acceptor.resume_at is not None:
+            self.acceptor.resume()  # paused for want of a file descriptor: one is free now
 
     # -- answering a query ----------------------------------------------------
 
@@ -545,8 +570,9 @@ class Server:
         if answer.forward is not None:
             self._forward(conn, query, answer)
             return
-        assert answer.line is not None
-        self._answered(conn, answer)
+        ask, conn.asking = conn.asking, None
+        assert ask is not None and answer.line is not None
+        conn.session.answer(ask.seq, Outcome(answer.line, answer.rule, answer), self.clock())
 
     def _answered(self, conn: Connection, answer: Answer) -> None:
         ask, conn.asking = conn.asking, None

@@ -28,6 +28,7 @@ import enum
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from procident.protocol import (
     ErrorReply,
@@ -71,8 +72,7 @@ def rules_from(limits: object, reply: object, refused: str = "") -> SessionRules
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """The answer to an Ask: the reply line (CR LF included), the rule that chose it,
     and whatever the driver wants back in the Send's record (the responder's Answer)."""
 
@@ -81,8 +81,7 @@ class Outcome:
     detail: object = None
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """What the answer sink logs and counts for one Send or Close.
 
     kind, for a Send: "answer" (a looked-up reply), "port-range", "rate" (over the
@@ -99,20 +98,17 @@ class Record:
     detail: object = None
 
 
-@dataclass(frozen=True, slots=True)
-class Ask:
+class Ask(NamedTuple):
     seq: int
     query: Query
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
+class Send(NamedTuple):
     line: bytes
     record: Record
 
 
-@dataclass(frozen=True, slots=True)
-class Close:
+class Close(NamedTuple):
     reason: str
     record: Record
 
@@ -122,6 +118,7 @@ class Wait(enum.Enum):
     PAUSED = "paused"
 
 
+_DONE = Close("done", Record("done"))
 NEED_DATA = Wait.NEED_DATA
 PAUSED = Wait.PAUSED
 Action = Ask | Send | Close | Wait
@@ -181,8 +178,9 @@ class IdentSession:
         if ask is None or ask.seq != seq or self.phase is CLOSED:
             return  # an answer to nothing outstanding (the session moved on): dropped
         self._asking = None
-        record = Record("answer", ask.query, outcome.line, outcome.rule, outcome.detail)
-        self._reply(Send(outcome.line, record), now)
+        line = outcome.line
+        record = Record("answer", ask.query, line, outcome.rule, outcome.detail)
+        self._held = (self._asked_at + self.rules.min_response_time, Send(line, record))
 
     def fail(self, seq: int, now: float) -> None:
         """The driver's lookup for Ask `seq` raised: UNKNOWN-ERROR (the driver logs why)."""
@@ -266,7 +264,7 @@ class IdentSession:
                 return action
         if self._refused == "max_queries_per_connection" or self._eof:
             # No query waits to hear it is one too many; or the client is done.
-            self._closing = Close("done", Record("done"))
+            self._closing = _DONE
             return self._close()
         return NEED_DATA
 
@@ -281,6 +279,20 @@ class IdentSession:
     def _next_event(
         self, event: Query | InvalidPort | Malformed | Overlong, now: float
     ) -> Action | None:
+        if type(event) is Query and not self._refused:  # the common case, first
+            self._queries += 1
+            rules = self.rules
+            if self._queries >= rules.max_queries:
+                if rules.over_limit == "error":
+                    self._refused = "max_queries_per_connection"
+                else:
+                    self._closing = _DONE
+            if self.allow(now):
+                self._seq += 1
+                self._asking = Ask(self._seq, event)
+                self._asked_at = now
+                return self._asking
+            return self._over_rate(event, now)
         if isinstance(event, Overlong):
             self._closing = Close("overlong", Record("overlong"))
             return self._close()
@@ -300,15 +312,9 @@ class IdentSession:
             if rules.over_limit == "error":
                 self._refused = "max_queries_per_connection"
             else:
-                self._closing = Close("done", Record("done"))
+                self._closing = _DONE
         if not self.allow(now):
-            if rules.over_limit == "close":
-                self._closing = Close("rate", Record("rate", event))
-                return self._close()
-            line = format_reply(event.server_port, event.client_port, _UNKNOWN)
-            return self._reply_now(
-                Send(line, Record("rate", event, line, "limits.per_client_rate")), now
-            )
+            return self._over_rate(event, now)
         if isinstance(event, InvalidPort):
             line = format_reply(event.server_port, event.client_port, _INVALID)
             return self._reply_now(Send(line, Record("port-range", event, line, "port-range")), now)
@@ -316,6 +322,15 @@ class IdentSession:
         self._asking = Ask(self._seq, event)
         self._asked_at = now
         return self._asking
+
+    def _over_rate(self, event: Query | InvalidPort, now: float) -> Action:
+        if self.rules.over_limit == "close":
+            self._closing = Close("rate", Record("rate", event))
+            return self._close()
+        line = format_reply(event.server_port, event.client_port, _UNKNOWN)
+        return self._reply_now(
+            Send(line, Record("rate", event, line, "limits.per_client_rate")), now
+        )
 
     def _reply_now(self, send: Send, now: float) -> Action:
         """A reply decided without an Ask: it waits for min_response_time like any."""
