@@ -460,7 +460,10 @@ class Server:
             elif kind is Close:
                 if action.record.kind not in _SILENT:  # type: ignore[union-attr]
                     self._sink(conn, action.record)  # type: ignore[union-attr]
-                conn.flush_by = now + self.config.limits.idle_timeout
+                if action.reason == "idle":  # type: ignore[union-attr]
+                    self._close(conn)  # a client that read nothing for that long: now
+                    return
+                conn.flush_by = now + self.config.limits.idle_timeout  # to send what is left
                 break
             else:
                 break
