@@ -161,6 +161,9 @@ class Accounts:
     def configure(self, config: Config) -> None:
         """Use a new configuration's [users] settings (forgetting files read before)."""
         self.users = config.users
+        # uid -> (the files as last read, what they said): parsing is skipped when the
+        # same bytes come again
+        self._parses: dict[int, tuple[dict[str, FileState], UserFiles]] = {}
         self._files: TimedCache[int, UserFiles] = TimedCache(
             self._read, ttl=config.users.cache_seconds
         )
@@ -184,12 +187,25 @@ class Accounts:
             if states is None:
                 files = UserFiles(problems=("malformed answer of the helper",), unreadable=True)
             else:
-                files = user_files_from(states, self.users)
+                files = self._parsed(uid, states)
             self._report(uid, files.problems)
             self._fresh[uid] = files
             self._files.put(uid, files, now)
             uids.append(uid)
         return uids
+
+    def _parsed(self, uid: int, states: dict[str, FileState]) -> UserFiles:
+        """What `states` say. Files are read again at every use (cache_seconds = 0, the
+        default: bouncers rewrite them for each connection, and a stale file would give
+        one user another's ident), but parsed again only when what was read changed."""
+        last = self._parses.get(uid)
+        if last is not None and last[0] == states:
+            return last[1]
+        files = user_files_from(states, self.users)
+        if len(self._parses) >= NAME_CACHE_SIZE:
+            self._parses.clear()
+        self._parses[uid] = (states, files)
+        return files
 
     def give_up(self, uid: int) -> None:
         """The helper has not answered about `uid` in time: the queries waiting for it are
@@ -232,7 +248,7 @@ class Accounts:
         except Exception as err:  # the helper died or hangs: fail closed
             files = UserFiles(problems=(f"cannot read: {err}",), unreadable=True)
         else:
-            files = user_files_from(states, self.users)
+            files = self._parsed(uid, states)
         self._report(uid, files.problems)
         return files
 

@@ -151,7 +151,7 @@ class UsersConfig:
     opt_in: bool = False  # answer only for owners who have a ~/.ident file
     oidentd_files: bool = True  # read ~/.oidentd.conf where a rule lets users choose
     max_file_size: int = 16384
-    cache_seconds: int = 10
+    cache_seconds: int = 0  # 0: read at every query (what bouncers write changes each time)
 
 
 @dataclass(frozen=True, slots=True)

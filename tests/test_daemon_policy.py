@@ -317,3 +317,26 @@ def test_min_response_time_hides_latency(start_daemon) -> None:
                 expected = {"hidden": b"HIDDEN-USER", "absent": b"NO-USER", "found": b"bin"}
                 assert reply.endswith(expected[kind] + b"\r\n"), reply
     assert all(t >= delay for samples in times.values() for t in samples)
+
+
+def test_a_file_rewritten_for_each_connection_gives_each_its_own_ident(
+    start_daemon, accounts, home: Path
+) -> None:
+    """A bouncer (ZNC's identfile, The Lounge, Quassel, eggdrop) rewrites ~/.oidentd.conf
+    with the next user's ident just before each connection: with the defaults, each
+    query right after a rewrite gets the ident written for it, never the one before
+    (with the old 10 s cache the second and third got the first's)."""
+    daemon = start_daemon(
+        '[[rules]]\nusers = ["pidtest"]\naction = "real"\nuser_may = ["spoof"]\n',
+        preexec_fn=accounts,
+    )
+    conf = home / ".oidentd.conf"
+    for user in ("zncalice", "zncbob", "znccarol", "zncbob"):
+        # ZNC writes the whole file anew (same size for bob and carol: only the bytes tell)
+        conf.write_text(f'global {{ reply "{user}" }}\n')
+        os.chown(conf, USER_UID, USER_UID)
+        reply, head = ask_owned(daemon)
+        assert reply == head + f"USERID:OTHER:{user}\r\n".encode(), user
+    conf.unlink()
+    reply, head = ask_owned(daemon)
+    assert reply == head + b"USERID:UNIX:pidtest\r\n"  # no file: the rule's own answer

@@ -264,3 +264,28 @@ def test_asked_from_the_loop_answers_go_to_their_own_uid() -> None:
         assert helper.gone and not helper.ask(3, 100, time.monotonic())
     finally:
         helper.sock.close()
+
+
+def test_files_are_read_at_every_use_and_parsed_only_when_changed() -> None:
+    """With the default cache_seconds = 0, every use reads the files again (a bouncer's
+    rewrite is seen at once), and the same bytes are not parsed again."""
+    from procident.accounts import Accounts
+    from procident.config import Config
+    from procident.policy import Owner
+
+    content = {"text": b'global { reply "one" }\n'}
+    reads = []
+
+    def reader(uid: int, max_size: int) -> dict[str, FileState]:
+        reads.append(uid)
+        return {".oidentd.conf": FileState(CONTENT, content["text"])}
+
+    accounts = Accounts(Config(), reader)
+    owner = Owner(3001, "pidtest")
+    first = accounts.user_files(owner)
+    again = accounts.user_files(owner)
+    assert len(reads) == 2 and again is first  # read twice, parsed once
+    assert first.choices is not None and first.choices.default.reply == ("one",)
+    content["text"] = b'global { reply "two" }\n'
+    changed = accounts.user_files(owner)
+    assert len(reads) == 3 and changed.choices.default.reply == ("two",)
