@@ -75,7 +75,7 @@ def read_answer(line: bytes | None, failure: str, asked: Query) -> tuple[Reply |
     """Another ident server's answer (end of line removed) to the query `asked`: the reply
     it carries and "answered", or None and why not. It is read like any reply
     (protocol.parse_reply) and must be about the port pair asked; an error outside the
-    RFC's four is no answer."""
+    RFC's four is no answer. White space around the id is dropped, as clients drop it."""
     if line is None or failure:
         return None, failure or "failed"
     try:
@@ -86,7 +86,12 @@ def read_answer(line: bytes | None, failure: str, asked: Query) -> tuple[Reply |
         return None, "answer about another port pair"
     if isinstance(parsed.reply, str):
         return None, f"answer with an unknown error {parsed.reply[:40]!r}"
-    return parsed.reply, "answered"
+    reply = parsed.reply
+    if isinstance(reply, UserIdReply) and reply.user_id != reply.user_id.strip(" \t"):
+        # "P , Q : USERID : X : qsalice" (Quassel, The Lounge): clients strip the space
+        # before the id, so it is no part of it when sent on.
+        reply = UserIdReply(reply.user_id.strip(" \t"), reply.os, reply.charset)
+    return reply, "answered"
 
 
 def forwarded_reply(

@@ -461,3 +461,12 @@ def test_a_forward_answered_after_the_idle_deadline_is_sent(make, apps) -> None:
     assert received(client) == b""
     release.set()
     assert fixture.pump_until(client) == b"40001,6667:USERID:OTHER:nick\r\n"
+
+
+def test_white_space_around_a_forwarded_id_is_not_sent_on(make, apps) -> None:
+    """Quassel and The Lounge answer "P , Q : USERID : UNIX : qsalice": the id is sent on
+    as clients read it, without the space before it (it went out as " qsalice")."""
+    app = apps(lambda line: line.strip().replace(b",", b" , ") + b" : USERID : UNIX : qsalice \r\n")
+    fixture = make(forwarding(app))
+    fixture.own(40001, 6667)
+    assert fixture.ask(b"40001,6667\r\n")[1] == b"40001,6667:USERID:OTHER:qsalice\r\n"
