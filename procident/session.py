@@ -279,26 +279,14 @@ class IdentSession:
     def _next_event(
         self, event: Query | InvalidPort | Malformed | Overlong, now: float
     ) -> Action | None:
-        if type(event) is Query and not self._refused:  # the common case, first
-            self._queries += 1
-            rules = self.rules
-            if self._queries >= rules.max_queries:
-                if rules.over_limit == "error":
-                    self._refused = "max_queries_per_connection"
-                else:
-                    self._closing = _DONE
-            if self.allow(now):
-                self._seq += 1
-                self._asking = Ask(self._seq, event)
-                self._asked_at = now
-                return self._asking
-            return self._over_rate(event, now)
-        if isinstance(event, Overlong):
+        kind = type(event)
+        if kind is Overlong:
             self._closing = Close("overlong", Record("overlong"))
             return self._close()
-        if isinstance(event, Malformed):
+        if kind is Malformed:
             self._closing = Close("malformed", Record("malformed"))
             return Send(MALFORMED_REPLY, Record("malformed", None, MALFORMED_REPLY, "malformed"))
+        assert isinstance(event, (Query, InvalidPort))
         if self._refused:
             # Over a cap, or one query past max_queries_per_connection: this answer, then
             # the connection ends (limits.over_limit = "error").
@@ -315,9 +303,10 @@ class IdentSession:
                 self._closing = _DONE
         if not self.allow(now):
             return self._over_rate(event, now)
-        if isinstance(event, InvalidPort):
+        if kind is InvalidPort:
             line = format_reply(event.server_port, event.client_port, _INVALID)
             return self._reply_now(Send(line, Record("port-range", event, line, "port-range")), now)
+        assert isinstance(event, Query)
         self._seq += 1
         self._asking = Ask(self._seq, event)
         self._asked_at = now
