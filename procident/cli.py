@@ -10,21 +10,18 @@ import contextlib
 import datetime
 import errno
 import ipaddress
-import json
 import logging
 import logging.handlers
 import os
 import pwd
-import re
 import socket
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 import click
 
-from procident import __version__
+from procident import __version__, logsetup
 from procident.accounts import Accounts, FileReader, passwd_name
 from procident.config import (
     DEFAULT_USER,
@@ -36,7 +33,6 @@ from procident.config import (
     ConfigError,
     LogConfig,
     load_config,
-    parse_endpoint,
     with_listen,
     with_log,
 )
@@ -52,6 +48,7 @@ from procident.homes import (
     user_files_from,
 )
 from procident.inetd import InetdError, connection_addresses, serve_connection
+from procident.logsetup import LogSetupError
 from procident.lookup import (
     Backend,
     ConnectionId,
@@ -79,6 +76,7 @@ from procident.responder import Responder, describe_owner
 from procident.server import ListenError, Server, open_listeners
 from procident.tokens import TokenError, TokenMaker, add_key, load_keys
 from procident.tokens import available as tokens_available
+from procident.tomlcheck import parse_endpoint
 from procident.userfiles import Choice
 
 DEFAULT_CONFIG_PATH = "/etc/procident.toml"
@@ -183,86 +181,12 @@ def config_loader(
     return load
 
 
-class TextFormatter(logging.Formatter):
-    """Log lines whose text others may have written (a user's file, a client, a forward
-    target) cannot forge another line or drive a terminal: every control, separator and
-    format character of the message is escaped (protocol.printable). A traceback keeps
-    its lines, each indented, with the controls inside them escaped as well."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = printable(record.message)
-        return super().formatMessage(record)
-
-    def formatException(self, ei: Any) -> str:
-        text = super().formatException(ei)
-        return "\n".join("  " + printable(line) for line in text.splitlines())
-
-
-# What json.dumps(ensure_ascii=False) leaves raw but a terminal or a line reader takes as
-# a control: DEL, C1, separators and format characters, and lone surrogates.
-_JSON_RAW = re.compile(
-    "[\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff"
-    "\ufff9-\ufffb\ud800-\udfff\U000e0000-\U000e007f]"
-)
-
-
-def _json_escape(match: re.Match[str]) -> str:
-    return "".join(f"\\u{unit:04x}" for unit in _utf16_units(ord(match[0])))
-
-
-def _utf16_units(code: int) -> tuple[int, ...]:
-    if code < 0x10000:
-        return (code,)
-    code -= 0x10000
-    return (0xD800 + (code >> 10), 0xDC00 + (code & 0x3FF))
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, message, and an answer's fields. Characters
-    that JSON may carry raw but a terminal would obey are written as \\u escapes."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
-            "level": record.levelname.lower(),
-            "message": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            entry.update(fields)
-        if record.exc_info:
-            entry["traceback"] = self.formatException(record.exc_info)
-        return _JSON_RAW.sub(_json_escape, json.dumps(entry, ensure_ascii=False))
-
-
 def setup_logging(config: LogConfig) -> None:
-    """Send procident's log to stderr or syslog at the configured level and format."""
-    handler: logging.Handler
-    if config.target == "syslog":
-        try:
-            _probe_syslog(config.syslog_socket)
-            handler = logging.handlers.SysLogHandler(
-                address=config.syslog_socket,
-                facility=logging.handlers.SysLogHandler.facility_names[config.syslog_facility],
-            )
-        except OSError as err:
-            raise click.ClickException(
-                f"cannot log to syslog at {config.syslog_socket}: {err.strerror or err}"
-            ) from None
-        handler.setFormatter(TextFormatter("procident[%(process)d]: %(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(message)s"))
-    if config.format == "json":
-        handler.setFormatter(JsonFormatter())
-    for old in list(log.handlers):
-        log.removeHandler(old)
-        old.close()
-    log.addHandler(handler)
-    log.setLevel(config.level.upper())
-    log.propagate = False
+    """logsetup.setup_logging, its failure a clear message and exit 1."""
+    try:
+        logsetup.setup_logging(config)
+    except LogSetupError as err:
+        raise click.ClickException(str(err)) from None
 
 
 def _backend(name: str) -> Backend:
@@ -270,19 +194,6 @@ def _backend(name: str) -> Backend:
         return select_backend(name)
     except LookupFailed as err:
         raise click.ClickException(str(err)) from None
-
-
-def _probe_syslog(path: str) -> None:
-    """Fail now if nothing listens at `path`: SysLogHandler itself would silently drop
-    every line (as openlog() does), and an admin who asked for syslog would see nothing."""
-    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-        with socket.socket(socket.AF_UNIX, kind) as probe:
-            try:
-                probe.connect(path)
-                return
-            except OSError as err:
-                if err.errno != errno.EPROTOTYPE:  # a stream socket: try that
-                    raise
 
 
 @main.command()

@@ -13,7 +13,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from procident.config import (
+from procident.config import connection_mismatch
+from procident.lookup import ConnectionId, Endpoint
+from procident.tomlcheck import (
     IPNetwork,
     PortRange,
     _address,
@@ -24,11 +26,9 @@ from procident.config import (
     _range,
     _string_end,
     _user_id,
-    connection_mismatch,
     read_toml,
     shown,
 )
-from procident.lookup import ConnectionId, Endpoint
 
 # The files, relative to the home directory, in the order they are looked for.
 NOIDENT = ".noident"

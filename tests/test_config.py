@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from procident.config import Config, ConfigError, load_config, parse_config, parse_endpoint
+from procident.config import Config, ConfigError, load_config, parse_config
 from procident.lookup import Endpoint
+from procident.tomlcheck import parse_endpoint
 
 SAMPLE = Path(__file__).parent.parent / "etc" / "procident.toml"
 

@@ -1,0 +1,119 @@
+"""Where procident's log goes, and how its lines look: text (with what others wrote
+escaped, so it can neither forge a line nor drive a terminal) or JSON, to standard error
+or syslog."""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import json
+import logging
+import logging.handlers
+import re
+import socket
+import sys
+from typing import Any
+
+from procident.config import LogConfig
+from procident.protocol import printable
+
+log = logging.getLogger("procident")
+
+
+class LogSetupError(Exception):
+    """The configured log sink cannot be used; the message says why."""
+
+
+class TextFormatter(logging.Formatter):
+    """Log lines whose text others may have written (a user's file, a client, a forward
+    target) cannot forge another line or drive a terminal: every control, separator and
+    format character of the message is escaped (protocol.printable). A traceback keeps
+    its lines, each indented, with the controls inside them escaped as well."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        text = super().formatException(ei)
+        return "\n".join("  " + printable(line) for line in text.splitlines())
+
+
+# What json.dumps(ensure_ascii=False) leaves raw but a terminal or a line reader takes as
+# a control: DEL, C1, separators and format characters, and lone surrogates.
+_JSON_RAW = re.compile(
+    "[\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff"
+    "\ufff9-\ufffb\ud800-\udfff\U000e0000-\U000e007f]"
+)
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return "".join(f"\\u{unit:04x}" for unit in _utf16_units(ord(match[0])))
+
+
+def _utf16_units(code: int) -> tuple[int, ...]:
+    if code < 0x10000:
+        return (code,)
+    code -= 0x10000
+    return (0xD800 + (code >> 10), 0xDC00 + (code & 0x3FF))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, and an answer's fields. Characters
+    that JSON may carry raw but a terminal would obey are written as \\u escapes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return _JSON_RAW.sub(_json_escape, json.dumps(entry, ensure_ascii=False))
+
+
+def setup_logging(config: LogConfig) -> None:
+    """Send procident's log to stderr or syslog at the configured level and format."""
+    handler: logging.Handler
+    if config.target == "syslog":
+        try:
+            _probe_syslog(config.syslog_socket)
+            handler = logging.handlers.SysLogHandler(
+                address=config.syslog_socket,
+                facility=logging.handlers.SysLogHandler.facility_names[config.syslog_facility],
+            )
+        except OSError as err:
+            raise LogSetupError(
+                f"cannot log to syslog at {config.syslog_socket}: {err.strerror or err}"
+            ) from None
+        handler.setFormatter(TextFormatter("procident[%(process)d]: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(message)s"))
+    if config.format == "json":
+        handler.setFormatter(JsonFormatter())
+    for old in list(log.handlers):
+        log.removeHandler(old)
+        old.close()
+    log.addHandler(handler)
+    log.setLevel(config.level.upper())
+    log.propagate = False
+
+
+def _probe_syslog(path: str) -> None:
+    """Fail now if nothing listens at `path`: SysLogHandler itself would silently drop
+    every line (as openlog() does), and an admin who asked for syslog would see nothing."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            try:
+                probe.connect(path)
+                return
+            except OSError as err:
+                if err.errno != errno.EPROTOTYPE:  # a stream socket: try that
+                    raise
