@@ -181,17 +181,24 @@ def decide(
         if users.noident and files.noident:
             trace("[users] noident: the owner has a ~/.noident")
             return Decision(HIDDEN_USER, "~/.noident", "hide", trace=trace.done())
-        if chosen and chosen.user_may and files.choices is not None:
-            choice = files.choices.choose(conn)
-            if choice is None:
-                trace(f"{files.choices.path}: no choice for this connection")
+        if chosen and chosen.user_may:
+            # The rule's own answer: the log says why the owner's file gave none.
+            if files.choices is None:
+                name = f"{name}+no user file"
+                if files.problems:
+                    name = f"{name} (unusable)"
             else:
-                refusal = _refusal(choice, owner, conn, chosen.user_may, facts)
-                if refusal:
-                    trace(f"{choice.where}: {choice.action} refused ({refusal})")
+                choice = files.choices.choose(conn)
+                if choice is None:
+                    trace(f"{files.choices.path}: no choice for this connection")
+                    name = f"{name}+{files.choices.path}: no block for this connection"
                 else:
-                    trace(f"{choice.where}: the owner chooses {choice.action}")
-                    return _user_act(choice, owner, chosen, reply_config, rng, trace)
+                    refusal = _refusal(choice, owner, conn, chosen.user_may, facts)
+                    if not refusal:
+                        trace(f"{choice.where}: the owner chooses {choice.action}")
+                        return _user_act(choice, owner, chosen, reply_config, rng, trace)
+                    trace(f"{choice.where}: {choice.action} refused ({refusal})")
+                    name = f"{name}+{choice.where}: {choice.action} refused"
     return _act(chosen, name, owner, reply_config, rng, trace)
 
 

@@ -340,3 +340,23 @@ def test_a_file_rewritten_for_each_connection_gives_each_its_own_ident(
     conf.unlink()
     reply, head = ask_owned(daemon)
     assert reply == head + b"USERID:UNIX:pidtest\r\n"  # no file: the rule's own answer
+
+
+def test_the_log_tells_no_file_from_no_block(start_daemon, accounts, home: Path) -> None:
+    """Where a rule lets the owner choose, the answer line says why the rule's own answer
+    was sent: no user file at all, or a file with no block for this connection."""
+    daemon = start_daemon(
+        '[[rules]]\nusers = ["pidtest"]\naction = "real"\nuser_may = ["spoof"]\n',
+        preexec_fn=accounts,
+    )
+    reply, head = ask_owned(daemon)
+    assert reply == head + b"USERID:UNIX:pidtest\r\n"
+    daemon.wait_log(r"reply=USERID:UNIX:pidtest rule=rules\[0\]\+no user file$")
+    conf = home / ".oidentd.conf"
+    conf.write_text('lport 1:2 { reply "elsewhere" }\n')
+    os.chown(conf, USER_UID, USER_UID)
+    reply, head = ask_owned(daemon)
+    assert reply == head + b"USERID:UNIX:pidtest\r\n"
+    daemon.wait_log(
+        r"reply=USERID:UNIX:pidtest rule=rules\[0\]\+~/\.oidentd\.conf: no block for this connection$"
+    )

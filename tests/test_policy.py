@@ -580,7 +580,7 @@ CASES = [
         ALICE,
         {"files": oidentd('global { reply "bob" }')},
         REAL,
-        "rules[0]",
+        "rules[0]+~/.oidentd.conf line 1: reply refused",
     ),
     (
         "spoof_all may name another account",
@@ -600,7 +600,7 @@ CASES = [
         ALICE,
         {"files": oidentd('global { reply "nick" }')},
         REAL,
-        "rules[0]",
+        "rules[0]+~/.oidentd.conf line 1: reply refused",
     ),
     (
         "the owner's own name needs no capability beyond user_may",
@@ -620,7 +620,7 @@ CASES = [
         ALICE,
         {"files": oidentd('global { reply "nick" }')},
         REAL,
-        "rules[0]",
+        "rules[0]+~/.oidentd.conf line 1: reply refused",
     ),
     (
         "spoof_privport allows it",
@@ -640,7 +640,7 @@ CASES = [
         ALICE,
         {"files": oidentd("global { hide }")},
         REAL,
-        "rules[0]",
+        "rules[0]+~/.oidentd.conf line 1: hide refused",
     ),
     (
         "hide granted",
@@ -690,7 +690,7 @@ CASES = [
         ALICE,
         {"files": oidentd("global { numeric }")},
         REAL,
-        "rules[0]",
+        "rules[0]+~/.oidentd.conf line 1: numeric refused",
     ),
     (
         "a per-connection block for this connection",
