@@ -21,9 +21,10 @@ runs late.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from procident._embed import Lookup, failure_line, reply_from, reply_line
@@ -132,9 +133,9 @@ async def _serve_connection(
         writer.close()
         return
     writer.transport.set_write_buffer_limits(high=_MAX_OUTPUT)
-    rules = replace(rules_from(limits, None), refused=ticket.refused)
-    key = ticket.key
-    session = IdentSession(rules, loop.time(), lambda now: state.admission.allow(key, now))
+    rules = rules_from(limits, None, ticket.refused)
+    allow = functools.partial(state.admission.allow, ticket.key)
+    session = IdentSession(rules, loop.time(), allow)
     try:
         while True:
             backlog = writer.transport.get_write_buffer_size()

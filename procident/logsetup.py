@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from procident.config import LogConfig
-from procident.protocol import printable
+from procident.protocol import UNPRINTABLE, printable
 
 log = logging.getLogger("procident")
 
@@ -37,14 +37,6 @@ class TextFormatter(logging.Formatter):
     def formatException(self, ei: Any) -> str:
         text = super().formatException(ei)
         return "\n".join("  " + printable(line) for line in text.splitlines())
-
-
-# What json.dumps(ensure_ascii=False) leaves raw but a terminal or a line reader takes as
-# a control: DEL, C1, separators and format characters, and lone surrogates.
-_JSON_RAW = re.compile(
-    "[\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff"
-    "\ufff9-\ufffb\ud800-\udfff\U000e0000-\U000e007f]"
-)
 
 
 def _json_escape(match: re.Match[str]) -> str:
@@ -75,7 +67,9 @@ class JsonFormatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
-        return _JSON_RAW.sub(_json_escape, json.dumps(entry, ensure_ascii=False))
+        # json.dumps escapes C0 controls itself; the rest of what printable() escapes (DEL,
+        # C1, separators, format characters, lone surrogates) it leaves raw.
+        return UNPRINTABLE.sub(_json_escape, json.dumps(entry, ensure_ascii=False))
 
 
 def setup_logging(config: LogConfig) -> None:

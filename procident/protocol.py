@@ -161,7 +161,7 @@ class QueryReader:
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udc9f]")
 # For display, also what makes text look other than it is: the format characters
 # (zero-width, bidirectional overrides and isolates, BOM, tags) and lone surrogates.
-_UNPRINTABLE = re.compile(
+UNPRINTABLE = re.compile(
     "[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
     "\ufeff\ufff9-\ufffb\ud800-\udfff\U000e0000-\U000e007f]"
 )
@@ -186,9 +186,9 @@ def printable(text: str, limit: int = 0) -> str:
     Fast when there is nothing to escape (the common case)."""
     if limit and len(text) > limit:
         text = text[:limit] + "..."
-    if _UNPRINTABLE.search(text) is None:
+    if UNPRINTABLE.search(text) is None:
         return text
-    return _UNPRINTABLE.sub(_escape, text)
+    return UNPRINTABLE.sub(_escape, text)
 
 
 def check_user_id(user_id: str) -> bytes:

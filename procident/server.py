@@ -21,7 +21,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import replace
 from types import FrameType
 
-from procident.admission import CAPS, Admission, RateLimiter, Ticket, client_key, refusal_words
+from procident.admission import CAPS, Admission, Ticket, client_key, refusal_words
 from procident.answerlog import record_answer
 from procident.config import Config, ConfigError
 from procident.forwarding import Forwards
@@ -161,22 +161,6 @@ class Server:
         if self.helper is not None:
             self.selector.register(self.helper, selectors.EVENT_READ, self._on_helper)
 
-    @property
-    def scrapers(self) -> dict[socket.socket, tuple[bytes, float, object]]:
-        return self.scrape.scrapers if self.scrape is not None else {}
-
-    @property
-    def limiter(self) -> RateLimiter:
-        return self.admission.limiter
-
-    @property
-    def resume_accepting_at(self) -> float | None:
-        return self.acceptor.resume_at
-
-    @property
-    def nat_asking(self) -> dict[tuple[Endpoint, Endpoint], int]:
-        return self.forwards.nat_asking
-
     # -- the loop -------------------------------------------------------------
 
     def run(self) -> None:
@@ -228,20 +212,18 @@ class Server:
         self._wakeup_w.close()
 
     def _timeout(self) -> float | None:
-        soonest = self.deadlines[0][0] if self.deadlines else None
+        dues = [self.deadlines[0][0]] if self.deadlines else []
         for due in (
             self.forwards.next_deadline(),
-            next(iter(self.file_deadlines.values()), None) if self.file_deadlines else None,
+            next(iter(self.file_deadlines.values()), None),
             self.acceptor.resume_at,
             self.next_textfile,
         ):
-            if due is not None and (soonest is None or due < soonest):
-                soonest = due
-        if self.scrape is not None and self.scrape.scrapers:
-            soonest = min([*self.scrape.deadlines(), *([soonest] if soonest is not None else [])])
-        if soonest is None:
-            return None
-        return max(0.0, soonest - self.clock())
+            if due is not None:
+                dues.append(due)
+        if self.scrape is not None:
+            dues += self.scrape.deadlines()
+        return max(0.0, min(dues) - self.clock()) if dues else None
 
     def _tick(self, now: float) -> None:
         while self.file_deadlines:
@@ -331,9 +313,7 @@ class Server:
         self.rules = rules = rules_from(config.limits, config.reply)
         for conn in self.sessions:
             conn.session.update_rules(rules, now)
-            deadline = conn.deadline
-            if deadline is not None and deadline != conn.due:
-                self._schedule(conn, deadline)
+            self._schedule(conn)
 
     # -- metrics --------------------------------------------------------------
 
@@ -392,7 +372,7 @@ class Server:
 
     def _reap(self, address: IPAddress) -> int:
         """Before refusing a connection over a cap, take the end of input of this client's
-        connections (of every client's, at max_connections: once a turn at most) that
+        connections (of every client's, at max_connections: every REAP_EVERY at most) that
         closed while this loop was busy accepting: a client that never has more than N
         connections open is never refused by a cap of N."""
         limits = self.admission.limits
@@ -431,8 +411,8 @@ class Server:
             self._close(conn)
 
     def _receive(self, conn: Connection) -> None:
-        if conn.session.phase is CLOSED or not conn.session.wants_read(len(conn.output)):
-            return
+        if not conn.session.wants_read(len(conn.output)):
+            return  # closed, closing, or with queries still to answer
         try:
             data = conn.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -449,18 +429,17 @@ class Server:
         now = self.clock()
         while conn in sessions:
             action = session.next_action(now, len(conn.output))
-            kind = type(action)
-            if kind is Send:
-                self._sink(conn, action.record)  # type: ignore[union-attr]
-                self._queue(conn, action.line)  # type: ignore[union-attr]
-            elif kind is Ask:
-                conn.asking = action  # type: ignore[assignment]
+            if isinstance(action, Send):
+                self._sink(conn, action.record)
+                self._queue(conn, action.line)
+            elif isinstance(action, Ask):
+                conn.asking = action
                 self._resolve(conn)
                 now = self.clock()
-            elif kind is Close:
-                if action.record.kind not in _SILENT:  # type: ignore[union-attr]
-                    self._sink(conn, action.record)  # type: ignore[union-attr]
-                if action.reason == "idle":  # type: ignore[union-attr]
+            elif isinstance(action, Close):
+                if action.record.kind not in _SILENT:
+                    self._sink(conn, action.record)
+                if action.reason == "idle":
                     self._close(conn)  # a client that read nothing for that long: now
                     return
                 conn.flush_by = now + self.config.limits.idle_timeout  # to send what is left
@@ -486,11 +465,13 @@ class Server:
             else:
                 self.selector.modify(conn.sock, events, functools.partial(self._on_event, conn))
             conn.events = events
-        deadline = session.deadline if session.phase is not CLOSED else conn.flush_by
-        if deadline is not None and deadline != conn.due:
-            self._schedule(conn, deadline)
+        self._schedule(conn)
 
-    def _schedule(self, conn: Connection, deadline: float) -> None:
+    def _schedule(self, conn: Connection) -> None:
+        """Put the connection's deadline in the heap, if it moved."""
+        deadline = conn.deadline
+        if deadline is None or deadline == conn.due:
+            return
         conn.due = deadline
         self.pushed += 1
         heapq.heappush(self.deadlines, (deadline, self.pushed, conn))
@@ -573,9 +554,7 @@ class Server:
         if answer.forward is not None:
             self._forward(conn, query, answer)
             return
-        ask, conn.asking = conn.asking, None
-        assert ask is not None and answer.line is not None
-        conn.session.answer(ask.seq, Outcome(answer.line, answer.rule, answer), self.clock())
+        self._answered(conn, answer)
 
     def _answered(self, conn: Connection, answer: Answer) -> None:
         ask, conn.asking = conn.asking, None

@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from procident.protocol import (
@@ -179,8 +179,7 @@ class IdentSession:
             return  # an answer to nothing outstanding (the session moved on): dropped
         self._asking = None
         line = outcome.line
-        record = Record("answer", ask.query, line, outcome.rule, outcome.detail)
-        self._held = (self._asked_at + self.rules.min_response_time, Send(line, record))
+        self._hold(Send(line, Record("answer", ask.query, line, outcome.rule, outcome.detail)))
 
     def fail(self, seq: int, now: float) -> None:
         """The driver's lookup for Ask `seq` raised: UNKNOWN-ERROR (the driver logs why)."""
@@ -194,8 +193,6 @@ class IdentSession:
         """Time has passed: a held reply may be due, the idle timeout may have run out."""
         if self.phase is CLOSED:
             return
-        if self._held is not None and self._held[0] <= now:
-            return  # next_action sends it
         if (
             self._asking is None
             and self._held is None
@@ -207,14 +204,7 @@ class IdentSession:
     def update_rules(self, rules: SessionRules, now: float) -> None:
         """A reload: the new rules apply from now on; a shorter idle timeout applies to the
         time already waited too. The cap this connection was admitted over stays."""
-        self.rules = SessionRules(
-            rules.idle_timeout,
-            rules.max_queries,
-            rules.over_limit,
-            rules.min_response_time,
-            rules.output_bound,
-            self.rules.refused,
-        )
+        self.rules = replace(rules, refused=self.rules.refused)
         self._idle_at = min(self._idle_at, now + rules.idle_timeout)
 
     # -- out -------------------------------------------------------------------
@@ -324,12 +314,11 @@ class IdentSession:
     def _reply_now(self, send: Send, now: float) -> Action:
         """A reply decided without an Ask: it waits for min_response_time like any."""
         self._asked_at = now
-        self._reply(send, now)
+        self._hold(send)
         return self.next_action(now)
 
-    def _reply(self, send: Send, now: float) -> None:
+    def _hold(self, send: Send) -> None:
         """Keep the reply back until min_response_time after its query was read: hidden,
         absent and found owners then take the same time to answer (held replies keep
-        their order: nothing else comes out meanwhile)."""
-        due = self._asked_at + self.rules.min_response_time
-        self._held = (due, send)
+        their order: nothing else comes out meanwhile). next_action sends it when due."""
+        self._held = (self._asked_at + self.rules.min_response_time, send)

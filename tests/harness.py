@@ -250,3 +250,11 @@ def cpu_ticks(pid: int) -> int:
     """User plus system CPU time of a process, in clock ticks (/proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of the line
+
+
+def ask_owned(daemon, uid: int = USER_UID, service=("127.0.0.1", 0)) -> tuple[bytes, bytes]:
+    """Ask `daemon` about a fresh connection owned by `uid` (the test account by default):
+    (the reply, the port pair it must start with)."""
+    with owned_connection(uid, service, "127.0.0.1") as conn:
+        reply = daemon.ask(conn.query)
+    return reply, b"%d,%d:" % (conn.local[1], conn.remote[1])

@@ -17,20 +17,13 @@ from pathlib import Path
 
 from click.testing import CliRunner
 from conftest import requires_root
-from harness import USER_UID, owned_connection, proc_status, wait_for
+from harness import USER_UID, ask_owned, owned_connection, proc_status, wait_for
 
 from procident.cli import main
 
 pytestmark = requires_root
 
 SERVICE4 = ("127.0.0.1", 0)
-
-
-def ask_owned(daemon, uid: int = USER_UID, service=SERVICE4) -> tuple[bytes, bytes]:
-    """Ask the daemon about a fresh connection owned by `uid`; (reply, the ports prefix)."""
-    with owned_connection(uid, service, "127.0.0.1") as conn:
-        reply = daemon.ask(conn.query)
-    return reply, b"%d,%d:" % (conn.local[1], conn.remote[1])
 
 
 def test_hide(start_daemon, accounts) -> None:

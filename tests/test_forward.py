@@ -345,7 +345,7 @@ def test_rate_limit_counts_ipv6_per_64(make) -> None:
 
     a, b = ipaddress.IPv6Address("2001:db8::1"), ipaddress.IPv6Address("2001:db8::ffff:2")
     fixture = make("[limits]\nper_client_rate = 1\nper_client_burst = 1\n")
-    limiter = fixture.server.limiter
+    limiter = fixture.server.admission.limiter
     assert limiter.allow(client_key(a), 0.0) and not limiter.allow(client_key(b), 0.0)
 
 
@@ -363,12 +363,15 @@ def test_access_lists_close_refused_clients(make, caplog) -> None:
 def test_reload_keeps_the_rate_table_unless_limits_change(make) -> None:
     """A reload with the same limits keeps each client's bucket; new limits start afresh."""
     fixture = make("[limits]\nper_client_rate = 1\nper_client_burst = 1\n")
-    limiter = fixture.server.limiter
+    limiter = fixture.server.admission.limiter
     fixture.server.apply(fixture.config)
-    assert fixture.server.limiter is limiter
+    assert fixture.server.admission.limiter is limiter
     changed = parse_config(tomllib.loads("[limits]\nper_client_rate = 2\n"))
     fixture.server.apply(changed)
-    assert fixture.server.limiter is not limiter and fixture.server.limiter.rate == 2
+    assert (
+        fixture.server.admission.limiter is not limiter
+        and fixture.server.admission.limiter.rate == 2
+    )
 
 
 def test_connections_over_a_cap_are_bounded(make) -> None:

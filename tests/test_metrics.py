@@ -146,13 +146,13 @@ def test_slow_scraper_is_closed(make) -> None:
     client.setblocking(False)
     client.send(b"GET /metr")
     pump(fixture.server, 3)
-    assert len(fixture.server.scrapers) == 1
+    assert len(fixture.server.scrape.scrapers) == 1
     fixture.clock.now += 0.5
     pump(fixture.server, 3)
-    assert len(fixture.server.scrapers) == 1
+    assert len(fixture.server.scrape.scrapers) == 1
     fixture.clock.now += 0.6
     pump(fixture.server, 3)
-    assert not fixture.server.scrapers and received(client) is None
+    assert not fixture.server.scrape.scrapers and received(client) is None
 
 
 @requires_root

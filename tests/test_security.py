@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import requires_root
-from harness import USER_UID, owned_connection
+from harness import USER_UID, ask_owned, owned_connection
 
 from procident import process
 
@@ -219,13 +219,6 @@ def user_file(home: Path, name: str, text: str | bytes) -> Path:
     return path
 
 
-def ask_pidtest(daemon) -> tuple[bytes, bytes]:
-    """(the reply about a fresh connection of pidtest's, the port pair it starts with)"""
-    with owned_connection(USER_UID, ("127.0.0.1", 0), "127.0.0.1") as conn:
-        reply = daemon.ask(conn.query)
-    return reply, b"%d,%d:" % (conn.local[1], conn.remote[1])
-
-
 def run_as_host(accounts, *args: str) -> subprocess.CompletedProcess[bytes]:
     """procident ARGS where the passwd file has pidtest; output as bytes, unescaped."""
     return subprocess.run([*PROCIDENT, *args], capture_output=True, preexec_fn=accounts, timeout=30)
@@ -251,7 +244,7 @@ def test_unusable_procident_toml_is_no_file(
     user_file(home, ".procident.toml", text)
     daemon = start_daemon(BOUNCER_RULE.format(may='["spoof"]'), preexec_fn=accounts)
     for _ in range(20):
-        reply, head = ask_pidtest(daemon)
+        reply, head = ask_owned(daemon)
         assert reply == head + b"USERID:UNIX:pidtest\r\n"
     log = daemon.log()
     lines = [line for line in log.splitlines() if "~/.procident.toml" in line]
@@ -276,7 +269,7 @@ def test_a_key_in_a_users_file_cannot_forge_log_lines_or_drive_a_terminal(
     key = "\\u001b[2J\\u001b]0;pwn\\u0007\\u2028x\\n" + FORGED
     user_file(home, ".procident.toml", f'action = "reply"\nreply = "nick"\n"{key}" = 1\n')
     daemon = start_daemon(BOUNCER_RULE.format(may='["spoof"]'), preexec_fn=accounts)
-    reply, head = ask_pidtest(daemon)
+    reply, head = ask_owned(daemon)
     assert reply == head + b"USERID:UNIX:pidtest\r\n"
     daemon.wait_log(r"uid 3001: ~/\.procident\.toml: .*\\u2028x\\x0a2026-01-01")
     raw = daemon.log_path.read_bytes()
@@ -333,7 +326,7 @@ def test_control_characters_from_a_forward_target_never_reach_the_wire(
             home, ".procident.toml", f'action = "forward"\nforward = "127.0.0.1:{app.port}"\n'
         )
         daemon = start_daemon(BOUNCER_RULE.format(may='["forward", "spoof"]'), preexec_fn=accounts)
-        reply, head = ask_pidtest(daemon)
+        reply, head = ask_owned(daemon)
     finally:
         app.close()
     assert reply == head + b"USERID:UNIX:pidtest\r\n"
@@ -346,7 +339,7 @@ def test_control_characters_in_a_users_oidentd_file_never_reach_the_wire(
     """reply "a\\x1bb" (a C escape) in ~/.oidentd.conf makes the file unusable."""
     user_file(home, ".oidentd.conf", 'global { reply "a\\x1b[2Jb" }\n')
     daemon = start_daemon(BOUNCER_RULE.format(may='["spoof"]'), preexec_fn=accounts)
-    reply, head = ask_pidtest(daemon)
+    reply, head = ask_owned(daemon)
     assert reply == head + b"USERID:UNIX:pidtest\r\n"
     daemon.wait_log(r"uid 3001: ~/\.oidentd\.conf: line 1: .* control character ESC")
 
@@ -371,7 +364,7 @@ def test_a_users_forward_cannot_hide_them_without_hide(
             home, ".procident.toml", f'action = "forward"\nforward = "127.0.0.1:{app.port}"\n'
         )
         daemon = start_daemon(BOUNCER_RULE.format(may=may), preexec_fn=accounts)
-        reply, head = ask_pidtest(daemon)
+        reply, head = ask_owned(daemon)
     finally:
         app.close()
     expected = f"ERROR:{error}" if may_hide else "USERID:UNIX:pidtest"
@@ -391,10 +384,10 @@ def test_look_alikes_of_another_account_need_spoof_all(start_daemon, accounts, h
     )
     for spoof in (" daemon", "\\tdaemon", "x:daemon", "UNIX:daemon", "daemon ", "DAEMON", "Daemon"):
         user_file(home, ".oidentd.conf", f'global {{ reply "{spoof}" }}\n')
-        reply, head = ask_pidtest(daemon)
+        reply, head = ask_owned(daemon)
         assert reply == head + b"USERID:UNIX:pidtest\r\n", spoof
     user_file(home, ".oidentd.conf", 'global { reply "nick" }\n')
-    reply, head = ask_pidtest(daemon)
+    reply, head = ask_owned(daemon)
     assert reply == head + b"USERID:OTHER:nick\r\n"
 
 
@@ -513,7 +506,7 @@ def test_a_stuck_helper_stalls_no_one(start_daemon, accounts, home: Path) -> Non
         preexec_fn=accounts,
     )
     helper = int(daemon.wait_log(r"user files are read by helper process (\d+)")[1])
-    reply, head = ask_pidtest(daemon)
+    reply, head = ask_owned(daemon)
     assert reply == head + b"USERID:OTHER:nick\r\n"  # the helper works
     os.kill(helper, signal.SIGSTOP)
     try:
@@ -543,14 +536,14 @@ def test_a_stuck_helper_stalls_no_one(start_daemon, accounts, home: Path) -> Non
             second.close()
         daemon.wait_log(r"uid 3001: not read in time: the helper did not answer in 1s")
         # While it stays stopped, nobody waits for it: the answer is immediate.
-        reply, head = ask_pidtest(daemon)
+        reply, head = ask_owned(daemon)
         assert reply == head + b"USERID:UNIX:pidtest\r\n"
         daemon.wait_log(r"uid 3001: not read: the helper is not answering")
     finally:
         os.kill(helper, signal.SIGCONT)
 
     def chosen_again() -> bool:
-        reply, head = ask_pidtest(daemon)
+        reply, head = ask_owned(daemon)
         return reply == head + b"USERID:OTHER:nick\r\n"
 
     wait_for(chosen_again, 10, interval=0.2)
@@ -594,7 +587,7 @@ def test_the_helper_keeps_only_what_reading_users_files_needs(
         assert str(secret) not in links, (pid, links)
     # ... and it still reads users' files as them.
     user_file(home, ".noident", "")
-    reply, head = ask_pidtest(daemon)
+    reply, head = ask_owned(daemon)
     assert reply == head + b"ERROR:HIDDEN-USER\r\n"
 
 

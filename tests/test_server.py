@@ -253,7 +253,7 @@ def test_fd_exhaustion_on_two_listeners_at_once(server_factory, caplog) -> None:
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert caplog.text.count("cannot accept: Too many open files") == 1
-    assert not server.sessions and server.resume_accepting_at is not None
+    assert not server.sessions and server.acceptor.resume_at is not None
     clock.now += 1
     pump(server)
     assert len(server.sessions) == 2
