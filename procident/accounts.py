@@ -268,3 +268,41 @@ class Accounts:
             self._reported.clear()
         self._reported[uid] = (problems, now)
         log.warning("uid %d: %s", uid, printable("; ".join(problems), 300))
+
+
+class FileWaits(Generic[V]):
+    """What waits for the helper to read a user's files: uid -> waiters (a driver's
+    connections), and the time past which they are answered without the files."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, list[V]] = {}
+        self.deadlines: dict[int, float] = {}  # in order of insertion; one timeout for all
+
+    def add(self, uid: int, waiter: V, deadline: float) -> None:
+        self.waiting.setdefault(uid, []).append(waiter)
+        self.deadlines.setdefault(uid, deadline)
+
+    def remove(self, uid: int, waiter: V) -> None:
+        waiting = self.waiting.get(uid, [])
+        if waiter in waiting:
+            waiting.remove(waiter)
+
+    def pop(self, uid: int) -> list[V]:
+        """The waiters for `uid`, no longer waiting."""
+        self.deadlines.pop(uid, None)
+        return self.waiting.pop(uid, [])
+
+    def next_deadline(self) -> float | None:
+        return next(iter(self.deadlines.values()), None)
+
+    def overdue(self, now: float) -> list[int]:
+        """The uids whose waiters have waited until their deadline."""
+        due = []
+        for uid, deadline in self.deadlines.items():
+            if deadline > now:
+                break
+            due.append(uid)
+        return due
+
+    def uids(self) -> list[int]:
+        return list(self.deadlines)

@@ -8,62 +8,39 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
-import ipaddress
 import logging
-import logging.handlers
 import os
 import pwd
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 
 import click
 
-from procident import __version__, logsetup
-from procident.accounts import Accounts, FileReader, passwd_name
+from procident import logsetup
+from procident.accounts import passwd_name
+from procident.client import NoAnswer, ask
 from procident.config import (
     DEFAULT_USER,
     FALLBACK_USER,
     LOG_FORMATS,
     LOG_LEVELS,
     LOG_TARGETS,
-    Config,
     ConfigError,
     LogConfig,
     load_config,
-    with_listen,
-    with_log,
 )
 from procident.forward import forward_blocking
-from procident.homes import (
-    ABSENT,
-    CONTENT,
-    PRESENT,
-    USER_FILES,
-    FileState,
-    HomeHelper,
-    read_home_files,
-    user_files_from,
-)
+from procident.homes import describe_files, read_home_files, user_files_from
 from procident.inetd import InetdError, connection_addresses, serve_connection
 from procident.logsetup import LogSetupError
-from procident.lookup import (
-    Backend,
-    ConnectionId,
-    Endpoint,
-    LookupFailed,
-    normalize_address,
-    select_backend,
-)
-from procident.lookup.conntrack import PATH, ConntrackTable
+from procident.lookup import ConnectionId, Endpoint, normalize_address
 from procident.process import (
     SD_LISTEN_FDS_START,
     Notifier,
     PidFileError,
     PrivilegeError,
-    activated_sockets,
     check_pid_file,
     close_inherited_descriptors,
     daemonize,
@@ -71,15 +48,29 @@ from procident.process import (
     remove_pid_file,
     write_pid_file,
 )
-from procident.protocol import ErrorReply, Query, UserIdReply, parse_reply, printable
-from procident.responder import Responder, describe_owner
-from procident.server import ListenError, Server, open_listeners
+from procident.protocol import ErrorReply, Query, UserIdReply, printable
+from procident.responder import explain
+from procident.server import Server
+from procident.startup import (
+    DEFAULT_CONFIG_PATH,
+    Opened,
+    StartupError,
+    backend,
+    config_file,
+    config_loader,
+    make_responder,
+    open_conntrack,
+    open_metrics_listener,
+    open_privileged,
+    open_serving,
+    reloader,
+    support_lines,
+    token_maker,
+    uses_tokens,
+)
 from procident.tokens import TokenError, TokenMaker, add_key, load_keys
-from procident.tokens import available as tokens_available
 from procident.tomlcheck import parse_endpoint
-from procident.userfiles import Choice
 
-DEFAULT_CONFIG_PATH = "/etc/procident.toml"
 EXIT_NO_ANSWER = 3  # `query`: no valid reply came back
 
 log = logging.getLogger("procident")
@@ -112,7 +103,7 @@ def _endpoints(
 def main(ctx: click.Context, show_version: bool, verbose: bool) -> None:
     """procident: an RFC 1413 ident daemon that answers from the kernel's socket tables."""
     if show_version:
-        for line in version_lines(verbose):
+        for line in support_lines(verbose):
             click.echo(line)
         ctx.exit()
     if ctx.invoked_subcommand is None:
@@ -120,65 +111,7 @@ def main(ctx: click.Context, show_version: bool, verbose: bool) -> None:
         ctx.exit(2)
 
 
-def version_lines(verbose: bool) -> list[str]:
-    """`procident --version`, and with verbose, the backends and optional features that
-    work on this host."""
-    lines = [f"procident, version {__version__}"]
-    if not verbose:
-        return lines
-    lines.append(f"python:          {sys.version.split()[0]} ({sys.executable})")
-    for name in ("netlink", "procfs"):
-        try:
-            backend = select_backend(name)
-            nowhere = Endpoint(ipaddress.IPv4Address("127.0.0.1"), 0)
-            backend.find(ConnectionId(nowhere, nowhere))
-            state = "works here"
-        except LookupFailed as err:
-            state = f"does not work here ({err})"
-        lines.append(f"lookup {name + ':':<9} {state}")
-    with contextlib.suppress(LookupFailed):
-        lines.append(f"lookup auto:     {select_backend('auto').name}")
-    if tokens_available():
-        import cryptography
-
-        lines.append(f"audit tokens:    available (cryptography {cryptography.__version__})")
-    else:
-        lines.append("audit tokens:    not available: pip install 'procident[tokens]'")
-    lines.append("systemd:         socket activation (LISTEN_FDS) and sd_notify, built in")
-    lines.append("inetd mode:      serve --inetd")
-    path = config_file(None)
-    lines.append(f"configuration:   {path or f'{DEFAULT_CONFIG_PATH} absent: built-in defaults'}")
-    return lines
-
-
 # -- serve ------------------------------------------------------------------
-
-
-def config_file(path: str | None) -> str | None:
-    """The file to read: the one given, else /etc/procident.toml if it exists, else none."""
-    if path:
-        return path
-    return DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None
-
-
-def config_loader(
-    path: str | None,
-    listen: tuple[Endpoint, ...],
-    level: str | None,
-    target: str | None,
-    format: str | None = None,
-) -> Callable[[], Config]:
-    """A function that reads the configuration as `serve` sees it: the file (or the embedded
-    default), then the command line's overrides. Called at start and on every SIGHUP."""
-
-    def load() -> Config:
-        chosen = config_file(path)
-        config = load_config(chosen) if chosen else Config()
-        if listen:
-            config = with_listen(config, listen)
-        return with_log(config, level, target, format)
-
-    return load
 
 
 def setup_logging(config: LogConfig) -> None:
@@ -189,10 +122,12 @@ def setup_logging(config: LogConfig) -> None:
         raise click.ClickException(str(err)) from None
 
 
-def _backend(name: str) -> Backend:
+@contextlib.contextmanager
+def _one_sentence() -> Iterator[None]:
+    """A StartupError or ConfigError as the command's one-line error and exit 1."""
     try:
-        return select_backend(name)
-    except LookupFailed as err:
+        yield
+    except (StartupError, ConfigError) as err:
         raise click.ClickException(str(err)) from None
 
 
@@ -244,45 +179,31 @@ def serve(
         # stderr is /dev/null once detached, and the client's connection under inetd
         log_target = "syslog"
     load = config_loader(config_path, listen, log_level, log_target, log_format)
-    try:
+    with _one_sentence():
         config = load()
-    except ConfigError as err:
-        raise click.ClickException(str(err)) from None
     if pid_file:
         try:
             check_pid_file(pid_file)  # before anything is bound or written
         except PidFileError as err:
             raise click.ClickException(f"--pid-file {pid_file}: {err}") from None
     setup_logging(config.log)
-    log.info("configuration: %s", config_file(config_path) or "built-in defaults")
-    backend = _backend(config.lookup.backend)
-    log.info("lookup backend: %s", backend.name)
-    listeners: list[socket.socket] = []
+    source = config_file(config_path) or "built-in defaults"
+    log.info("configuration: %s", source)
+    with _one_sentence():
+        found = backend(config.lookup.backend)
+    log.info("lookup backend: %s", found.name)
     client: tuple[Endpoint, Endpoint] | None = None
+    listeners: list[socket.socket] = []
+    metrics_listener: socket.socket | None = None
     if inetd:
         try:
             client = connection_addresses(0, os.environ)
         except InetdError as err:
             raise click.ClickException(str(err)) from None
     else:
-        try:
-            listeners = activated_sockets()
-        except ValueError as err:
-            raise click.ClickException(f"LISTEN_FDS: {err}") from None
-        if listeners and listen:
-            log.warning("--listen is ignored: the service manager passed listening sockets")
-        if not listeners:
-            try:
-                listeners = open_listeners(config.server.listen)
-            except ListenError as err:
-                raise click.ClickException(str(err)) from None
-    metrics_listener: socket.socket | None = None
-    if config.metrics.listen and not inetd:
-        try:
-            (metrics_listener,) = open_listeners((parse_endpoint(config.metrics.listen),))
-        except (ListenError, ValueError) as err:
-            raise click.ClickException(f"metrics.listen: {err}") from None
-        log.info("metrics on http://%s/metrics", config.metrics.listen)
+        with _one_sentence():
+            listeners = open_serving(config, listen)
+            metrics_listener = open_metrics_listener(config)
     notifier = Notifier()  # before dropping root
     ready = daemonize() if daemon else None
     if pid_file:
@@ -294,65 +215,30 @@ def serve(
             raise click.ClickException(
                 f"cannot write pid file {pid_file}: {err.strerror}"
             ) from None
-    tokens = _token_maker(config) if uses_tokens(config) else None
-    conntrack = _conntrack(config) if config.nat.enabled else None  # root-only file
-    helper: HomeHelper | None = None
-    read_files: FileReader | None = None
-    if reads_user_files(config):
-        if os.geteuid() == 0 and not config.server.keep_root:
-            helper = HomeHelper()  # keeps root to read home directories; see homes.py
-            if inetd:
-                read_files = helper.read  # one connection: it may wait for the helper
-            log.info("user files are read by helper process %d", helper.pid)
-        else:
-            read_files = read_home_files
+    with _one_sentence():
+        opened = open_privileged(config, blocking_files=inetd)
     try:
         fallback = FALLBACK_USER if config.server.user == DEFAULT_USER else ""
         run_as = config.server
         log.info(drop_privileges(run_as.user, run_as.group, run_as.keep_root, fallback))
     except PrivilegeError as err:
-        if helper is not None:
-            helper.close()
+        opened.close()
         raise click.ClickException(str(err)) from None
-
-    def reload() -> Config:
-        new = load()
-        log.setLevel(new.log.level.upper())
-        if (new.log.target, new.log.format, new.log.syslog_socket, new.log.syslog_facility) != (
-            config.log.target,
-            config.log.format,
-            config.log.syslog_socket,
-            config.log.syslog_facility,
-        ):
-            log.warning(
-                "log.target, log.format and the syslog settings take effect at the next start"
-            )
-        if reads_user_files(new) and read_files is None and helper is None:
-            log.warning("user files are read only if the configuration at start reads them")
-        if new.nat.enabled and conntrack is None:
-            raise ConfigError(
-                f"{config_file(config_path) or 'built-in defaults'}: nat.enabled: the "
-                "connection-tracking table is opened at start, as root; restart to turn NAT on"
-            )
-        if uses_tokens(new) and tokens is None:
-            log.warning(
-                "the token key is read only if the configuration at start uses tokens; "
-                "until a restart, token rules answer UNKNOWN-ERROR"
-            )
-        return new
-
     # The loop never waits on the helper: it asks, and takes the answer when it comes.
-    accounts = Accounts(config, read_files, helper=None if inetd else helper)
-    responder = Responder(backend, config, accounts=accounts, tokens=tokens, conntrack=conntrack)
+    responder = make_responder(config, opened, found, loop=not inetd)
     if client is not None:
         try:
             serve_connection(responder, config, *client)
         finally:
-            if helper is not None:
-                helper.close()
+            opened.close()
         return
     server = Server(
-        config, responder, listeners, reload, notifier=notifier, metrics_listener=metrics_listener
+        config,
+        responder,
+        listeners,
+        reloader(load, opened, source),
+        notifier=notifier,
+        metrics_listener=metrics_listener,
     )
     if ready is not None:
         ready()
@@ -361,44 +247,8 @@ def serve(
     finally:
         if pid_file:
             remove_pid_file(pid_file)
-        if helper is not None:
-            helper.close()
+        opened.close()
     log.info("stopped")
-
-
-def _conntrack(config: Config) -> ConntrackTable:
-    """The connection-tracking table, opened for [nat] enabled = true."""
-    try:
-        return ConntrackTable()
-    except OSError as err:
-        hint = ""
-        if err.errno == errno.ENOENT:
-            hint = " (is the nf_conntrack module loaded? It is once a NAT rule exists)"
-        elif err.errno == errno.EACCES:
-            hint = " (it is readable by root only)"
-        raise click.ClickException(
-            f"nat.enabled: cannot open {PATH}: {err.strerror}{hint}"
-        ) from None
-
-
-def reads_user_files(config: Config) -> bool:
-    """Whether answers may depend on files in users' home directories."""
-    users = config.users
-    return users.noident or users.opt_in or any(rule.user_may for rule in config.rules)
-
-
-def uses_tokens(config: Config) -> bool:
-    """Whether a rule answers with audit tokens."""
-    return any(rule.action == "token" for rule in config.rules)
-
-
-def _token_maker(config: Config, key_file: str | None = None) -> TokenMaker:
-    path = key_file or config.tokens.key_file
-    try:
-        return TokenMaker(load_keys(path))
-    except TokenError as err:
-        hint = "" if os.path.exists(path) else f"; create it with: procident token-key {path}"
-        raise click.ClickException(f"tokens.key_file: {err}{hint}") from None
 
 
 # -- check-config -------------------------------------------------------------
@@ -433,47 +283,13 @@ def check_config(file: str, user: str | None) -> None:
     states = read_home_files(account.pw_uid, config.users.max_file_size)
     files = user_files_from(states, config.users)
     click.echo(f"user {user} (uid {account.pw_uid}), home {account.pw_dir}:")
-    for name in USER_FILES:
-        state = _describe_state(states.get(name, FileState(ABSENT)))
-        click.echo(f"  ~/{name}: {printable(state)}")
-    if files.choices is not None:
-        click.echo(f"  choices read from {files.choices.path}:")
-        for choice in (*files.choices.choices, files.choices.default):
-            if choice is not None:
-                click.echo(f"    {choice.where}: {printable(_describe_choice(choice))}")
-    granted = [rule.name for rule in config.rules if rule.user_may]
-    if files.choices is not None and not granted:
-        click.echo("  note: no rule has user_may, so these choices are not used")
+    granted = any(rule.user_may for rule in config.rules)
+    for line in describe_files(states, files, granted):
+        click.echo(f"  {printable(line)}")
     for problem in files.problems:
         click.echo(f"  problem: {printable(problem)}", err=True)
     if files.problems:
         sys.exit(1)
-
-
-def _describe_state(state: FileState) -> str:
-    if state.status == ABSENT:
-        return "absent"
-    if state.status == PRESENT:
-        return "present"
-    if state.status == CONTENT:
-        return f"{len(state.data)} bytes"
-    return f"not used: {state.reason}"
-
-
-def _describe_choice(choice: Choice) -> str:
-    what = choice.action
-    if choice.reply:
-        what += " " + ", ".join(map(repr, choice.reply))
-    if choice.forward:
-        what += f" to {choice.forward}"
-    where = []
-    for label, networks in (("to", choice.clients), ("from", choice.local_addresses)):
-        if networks:
-            where.append(f"{label} {','.join(map(str, networks))}")
-    for label, ranges in (("fport", choice.client_ports), ("lport", choice.server_ports)):
-        if ranges:
-            where.append(f"{label} {','.join(f'{a}-{b}' if a != b else str(a) for a, b in ranges)}")
-    return f"{what} for {' '.join(where)}" if where else f"{what} (any connection)"
 
 
 # -- lookup -----------------------------------------------------------------
@@ -495,45 +311,21 @@ def lookup(local: Endpoint, remote: Endpoint, config_path: str | None) -> None:
         raise click.BadParameter("LOCAL and REMOTE must both be IPv4 or both IPv6")
     if not (local.port and remote.port):
         raise click.BadParameter("ports must be from 1 to 65535")
-    try:
+    with _one_sentence():
         config = config_loader(config_path, (), None, "stderr")()
-    except ConfigError as err:
-        raise click.ClickException(str(err)) from None
-    setup_logging(LogConfig(level="warning"))
-    tokens = _token_maker(config) if uses_tokens(config) else None
-    accounts = Accounts(config, read_home_files)
-    conntrack = _conntrack(config) if config.nat.enabled else None
-    responder = Responder(
-        _backend(config.lookup.backend),
-        config,
-        accounts=accounts,
-        tokens=tokens,
-        conntrack=conntrack,
-    )
+        setup_logging(LogConfig(level="warning"))
+        opened = Opened(
+            tokens=token_maker(config) if uses_tokens(config) else None,
+            conntrack=open_conntrack() if config.nat.enabled else None,
+            read_files=read_home_files,
+        )
+        responder = make_responder(config, opened, backend(config.lookup.backend), loop=False)
     query = Query(local.port, remote.port)
     answer = responder.respond(query, ConnectionId(local, remote), time.monotonic(), True)
     if answer.forward is not None:
         answer = forward_blocking(responder, query, answer, config.forward.timeout)
-    found = answer.found
-    click.echo(f"connection: {local} (this host) <-> {remote} (querier)")
-    if found is None:
-        click.echo("kernel:     no socket with these four values")
-    else:
-        entry = found.entry
-        click.echo(
-            f"kernel:     {entry.source}: {entry.state.name}, uid {entry.uid}, inode {entry.inode}"
-        )
-        if found.inbound:
-            click.echo(f"inbound:    port {local.port} has a listening socket on this host")
-    if found is not None and answer.owner is None:
-        click.echo("owner:      none: no process holds this socket")
-    elif answer.owner is not None:
-        click.echo(f"owner:      {describe_owner(answer)}")
-    for step in answer.trace:
-        click.echo(f"policy:     {printable(step)}")
-    click.echo(f"rule:       {printable(answer.rule)}")
-    line = (answer.line or b"").rstrip(b"\r\n")
-    click.echo(f"reply:      {printable(line.decode('utf-8', 'surrogateescape'))}")
+    for line in explain(local, remote, answer):
+        click.echo(line)
 
 
 # -- tokens -------------------------------------------------------------------
@@ -542,10 +334,9 @@ def lookup(local: Endpoint, remote: Endpoint, config_path: str | None) -> None:
 def _key_file(key_file: str | None, config_path: str | None) -> str:
     if key_file:
         return key_file
-    try:
-        return config_loader(config_path, (), None, None)().tokens.key_file
-    except ConfigError as err:
-        raise click.ClickException(str(err)) from None
+    with _one_sentence():
+        config = config_loader(config_path)()
+    return config.tokens.key_file
 
 
 @main.command("token-key")
@@ -609,25 +400,10 @@ def query(host: str, server_port: int, client_port: int, port: int, timeout: flo
     port on this side. Exit status: 0 for a USERID reply, 1 for an ERROR reply,
     3 when no valid reply came.
     """
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"%d,%d\r\n" % (server_port, client_port))
-            line = _read_line(sock)
-    except (OSError, UnicodeError) as err:
-        click.echo(f"Error: no answer from {host} port {port}: {err}", err=True)
-        sys.exit(EXIT_NO_ANSWER)
-    try:
-        parsed = parse_reply(line)
-    except ValueError as err:
-        click.echo(f"Error: {host} sent a malformed reply: {err}", err=True)
-        sys.exit(EXIT_NO_ANSWER)
-    if (parsed.server_port, parsed.client_port) != (server_port, client_port):
-        click.echo(
-            f"Error: {host} answered about {parsed.server_port},{parsed.client_port}, "
-            f"not {server_port},{client_port}",
-            err=True,
-        )
+        parsed = ask(host, port, server_port, client_port, timeout)
+    except NoAnswer as err:
+        click.echo(f"Error: {err}", err=True)
         sys.exit(EXIT_NO_ANSWER)
     reply = parsed.reply
     if isinstance(reply, UserIdReply):
@@ -642,20 +418,6 @@ def query(host: str, server_port: int, client_port: int, port: int, timeout: flo
     error = reply.error.value if isinstance(reply, ErrorReply) else reply
     click.echo(f"error:   {printable(error)}")
     sys.exit(1)
-
-
-def _read_line(sock: socket.socket, limit: int = 4096) -> bytes:
-    """Read one reply line (end of line removed); the whole of it must fit in `limit`."""
-    data = b""
-    while b"\n" not in data:
-        chunk = sock.recv(limit)
-        if not chunk:
-            raise OSError("connection closed before a complete reply")
-        data += chunk
-        if len(data) > limit:
-            raise OSError(f"no end of line in {limit} bytes")
-    line = data.split(b"\n", 1)[0]
-    return line[:-1] if line.endswith(b"\r") else line
 
 
 def run() -> None:

@@ -77,6 +77,16 @@ class FileState:
     def reason(self) -> str:
         return self.data.decode("utf-8", "replace")
 
+    def describe(self) -> str:
+        """What `check-config --user` shows for the file."""
+        if self.status == ABSENT:
+            return "absent"
+        if self.status == PRESENT:
+            return "present"
+        if self.status == CONTENT:
+            return f"{len(self.data)} bytes"
+        return f"not used: {self.reason}"
+
 
 def _check_and_read(path: str, uid: int, max_size: int, contents: bool) -> FileState:
     try:
@@ -141,6 +151,20 @@ def read_home_files(
             os.seteuid(0)
             os.setegid(0)
             os.setgroups(groups)
+
+
+def describe_files(states: dict[str, FileState], files: UserFiles, granted: bool) -> list[str]:
+    """What `check-config --user` shows of one user's files: each file, each choice read
+    from them, and a note when no rule lets users choose (`granted`)."""
+    lines = [f"~/{name}: {states.get(name, FileState(ABSENT)).describe()}" for name in USER_FILES]
+    if files.choices is not None:
+        lines.append(f"choices read from {files.choices.path}:")
+        for choice in (*files.choices.choices, files.choices.default):
+            if choice is not None:
+                lines.append(f"  {choice.where}: {choice.describe()}")
+        if not granted:
+            lines.append("note: no rule has user_may, so these choices are not used")
+    return lines
 
 
 def encode_states(states: dict[str, FileState]) -> bytes:

@@ -106,3 +106,27 @@ def write_metrics_file(path: str, text: str) -> None:
         write_textfile(path, text)
     except OSError as err:
         log.error("cannot write metrics to %s: %s", path, err.strerror)
+
+
+class Textfile:
+    """[metrics] textfile: the metrics written atomically every `interval` seconds, and a
+    last time at close ([metrics] is read at start only: see startup.RELOAD_RULES)."""
+
+    def __init__(self, path: str, interval: float, render: Callable[[], str], now: float) -> None:
+        self.path = path
+        self.interval = interval
+        self.render = render
+        self.due: float | None = now if path else None  # the next write
+
+    def tick(self, now: float) -> None:
+        if self.due is not None and now >= self.due:
+            self.write()
+            self.due = now + self.interval
+
+    def write(self) -> None:
+        if self.path:
+            write_metrics_file(self.path, self.render())
+
+    def close(self) -> None:
+        if self.due is not None:
+            self.write()

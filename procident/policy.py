@@ -19,9 +19,9 @@ from procident.config import (
     Config,
     ReplyConfig,
     Rule,
-    connection_mismatch,
 )
 from procident.lookup import ConnectionId, Endpoint, Found, IPAddress
+from procident.matching import connection_mismatch
 from procident.protocol import ErrorReply, ErrorType, Reply, UserIdReply
 from procident.userfiles import Choice, UserFiles
 

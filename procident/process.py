@@ -13,10 +13,13 @@ import grp
 import logging
 import os
 import pwd
+import selectors
+import signal
 import socket
 import stat
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from types import FrameType
 
 log = logging.getLogger(__name__)
 
@@ -344,3 +347,49 @@ def activated_sockets(environ: MutableMapping[str, str] = os.environ) -> list[so
             names.replace(":", ", ") or "unnamed",
         )
     return sockets
+
+
+class SignalWakeup:
+    """The signals the daemon handles, for its loop: a handler notes each one, and a byte
+    on a socket pair wakes the loop's select (signal.set_wakeup_fd)."""
+
+    HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+    def __init__(self, selector: selectors.BaseSelector) -> None:
+        self.selector = selector
+        self.pending: list[int] = []
+        self._reader, self._writer = socket.socketpair()
+        for sock in (self._reader, self._writer):
+            sock.setblocking(False)
+        selector.register(self._reader, selectors.EVENT_READ, self._drain)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Handle the signals while inside; the previous handlers come back after."""
+        previous = {signum: signal.signal(signum, self._note) for signum in self.HANDLED}
+        previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(previous_fd)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def take(self) -> Iterator[int]:
+        """The signals that came, oldest first, each once."""
+        while self.pending:
+            yield self.pending.pop(0)
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self.pending.append(signum)
+
+    def _drain(self, mask: int) -> None:
+        try:
+            while self._reader.recv(512):
+                pass
+        except BlockingIOError:
+            pass

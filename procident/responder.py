@@ -34,6 +34,7 @@ from procident.protocol import (
     Reply,
     UserIdReply,
     format_reply,
+    printable,
 )
 from procident.tokens import TokenError, TokenMaker
 
@@ -333,3 +334,28 @@ def describe_owner(answer: Answer | None) -> str:
     if answer.owner is None:
         return "-(no process)"
     return f"{answer.owner.name or '?'}(uid={answer.owner.uid})"
+
+
+def explain(local: Endpoint, remote: Endpoint, answer: Answer) -> list[str]:
+    """What `procident lookup` prints: the connection, what the kernel has, the owner,
+    each policy step, the rule and the reply (text others wrote escaped)."""
+    found = answer.found
+    lines = [f"connection: {local} (this host) <-> {remote} (querier)"]
+    if found is None:
+        lines.append("kernel:     no socket with these four values")
+    else:
+        entry = found.entry
+        lines.append(
+            f"kernel:     {entry.source}: {entry.state.name}, uid {entry.uid}, inode {entry.inode}"
+        )
+        if found.inbound:
+            lines.append(f"inbound:    port {local.port} has a listening socket on this host")
+    if found is not None and answer.owner is None:
+        lines.append("owner:      none: no process holds this socket")
+    elif answer.owner is not None:
+        lines.append(f"owner:      {describe_owner(answer)}")
+    lines += [f"policy:     {printable(step)}" for step in answer.trace]
+    lines.append(f"rule:       {printable(answer.rule)}")
+    line = (answer.line or b"").rstrip(b"\r\n")
+    lines.append(f"reply:      {printable(line.decode('utf-8', 'surrogateescape'))}")
+    return lines

@@ -16,11 +16,10 @@ import selectors
 import signal
 import socket
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import replace
-from types import FrameType
 
+from procident.accounts import FileWaits
 from procident.admission import CAPS, Admission, Ticket, client_key, refusal_words
 from procident.answerlog import record_answer
 from procident.config import Config, ConfigError
@@ -29,8 +28,8 @@ from procident.homes import HELPER_TIMEOUT
 from procident.listeners import Acceptor, ListenError, open_listeners
 from procident.lookup import ConnectionId, Endpoint, IPAddress, endpoint_from_sockaddr
 from procident.metrics import Metrics
-from procident.metrics_http import ScrapeEndpoint, write_metrics_file
-from procident.process import Notifier
+from procident.metrics_http import ScrapeEndpoint, Textfile
+from procident.process import Notifier, SignalWakeup
 from procident.protocol import Query
 from procident.responder import Answer, Responder
 from procident.session import (
@@ -58,10 +57,6 @@ SEND_BUFFER = 16384
 REFUSAL_LOG_INTERVAL = 10.0
 _SILENT = frozenset({"done", "refused", "malformed"})  # Close records nothing logs or counts
 REAP_EVERY = 0.01  # seconds between two looks at every connection, at max_connections
-# Sections bound at start: listeners and the account (root is gone by a
-# reload), the lookup backend, the token key (readable by root only), and the
-# metrics listener and textfile.
-RESTART_ONLY = ("server", "lookup", "tokens", "metrics")
 
 
 class Connection:
@@ -114,7 +109,7 @@ class Server:
         config: Config,
         responder: Responder,
         listeners: list[socket.socket],
-        reload: Callable[[], Config] | None = None,
+        reload: Callable[[Config], Config] | None = None,
         clock: Callable[[], float] = time.monotonic,
         notifier: Notifier | None = None,
         metrics_listener: socket.socket | None = None,
@@ -138,18 +133,12 @@ class Server:
         self.pushed = 0
         # Connections waiting for another ident server (and the NAT loop guard).
         self.forwards = Forwards(self.selector, self._forward_done)
-        # Connections whose query waits for the helper to read a user's files: uid ->
-        # them, and uid -> when to answer without the files (one timeout for all).
-        self.file_waits: dict[int, list[Connection]] = {}
-        self.file_deadlines: OrderedDict[int, float] = OrderedDict()
+        # Connections whose query waits for the helper to read a user's files.
+        self.file_waits: FileWaits[Connection] = FileWaits()
         self.helper = getattr(getattr(responder, "accounts", None), "helper", None)
         self.reaped_at = float("-inf")  # the last look for closed connections at max_connections
         self.running = False
-        self.signals: list[int] = []
-        self._wakeup_r, self._wakeup_w = socket.socketpair()
-        for sock in (self._wakeup_r, self._wakeup_w):
-            sock.setblocking(False)
-        self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._drain_wakeup)
+        self.signals = SignalWakeup(self.selector)
         self.acceptor = Acceptor(self.listeners, self.selector, self._admit, clock)
         self.metrics_listener = metrics_listener
         self.scrape = (
@@ -157,7 +146,8 @@ class Server:
             if metrics_listener is not None
             else None
         )
-        self.next_textfile = clock() if config.metrics.textfile else None
+        metrics = config.metrics
+        self.textfile = Textfile(metrics.textfile, metrics.interval, self.render_metrics, clock())
         if self.helper is not None:
             self.selector.register(self.helper, selectors.EVENT_READ, self._on_helper)
 
@@ -165,21 +155,16 @@ class Server:
 
     def run(self) -> None:
         """Serve until SIGTERM or SIGINT; SIGHUP reloads the configuration."""
-        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-        previous = {signum: signal.signal(signum, self._on_signal) for signum in handled}
-        previous_fd = signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
         self.running = True
         where = ", ".join(str(endpoint_from_sockaddr(s.getsockname())) for s in self.listeners)
         log.info("serving on %s", where)
         self.notifier.notify("READY=1", f"STATUS=serving on {where}")
         try:
-            while self.running:
-                self.step()
+            with self.signals.installed():
+                while self.running:
+                    self.step()
         finally:
             self.notifier.notify("STOPPING=1")
-            signal.set_wakeup_fd(previous_fd)
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
             self.close()
 
     def step(self, timeout: float | None = None) -> None:
@@ -199,8 +184,7 @@ class Server:
         """Close every connection and listener (writing the metrics textfile a last time)."""
         for conn in list(self.sessions):
             self._close(conn)
-        if self.next_textfile is not None:
-            self.write_textfile()
+        self.textfile.close()
         if self.scrape is not None:
             self.scrape.close()
         if self.helper is not None and not self.helper.gone:
@@ -208,16 +192,15 @@ class Server:
         self.acceptor.close()
         self.listeners = []
         self.selector.close()
-        self._wakeup_r.close()
-        self._wakeup_w.close()
+        self.signals.close()
 
     def _timeout(self) -> float | None:
         dues = [self.deadlines[0][0]] if self.deadlines else []
         for due in (
             self.forwards.next_deadline(),
-            next(iter(self.file_deadlines.values()), None),
+            self.file_waits.next_deadline(),
             self.acceptor.resume_at,
-            self.next_textfile,
+            self.textfile.due,
         ):
             if due is not None:
                 dues.append(due)
@@ -226,10 +209,7 @@ class Server:
         return max(0.0, min(dues) - self.clock()) if dues else None
 
     def _tick(self, now: float) -> None:
-        while self.file_deadlines:
-            uid, deadline = next(iter(self.file_deadlines.items()))
-            if deadline > now:
-                break
+        for uid in self.file_waits.overdue(now):
             self.responder.accounts.give_up(uid)
             self._files_came(uid)
         self.forwards.expire(now, self.config.forward.timeout)
@@ -245,26 +225,13 @@ class Server:
             self._pump(conn)
         if self.scrape is not None:
             self.scrape.expire(now)
-        if self.next_textfile is not None and now >= self.next_textfile:
-            self.write_textfile()
-            self.next_textfile = now + self.config.metrics.interval
+        self.textfile.tick(now)
         self.acceptor.tick(now)
 
     # -- signals and reloads --------------------------------------------------
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.signals.append(signum)
-
-    def _drain_wakeup(self, mask: int) -> None:
-        try:
-            while self._wakeup_r.recv(512):
-                pass
-        except BlockingIOError:
-            pass
-
     def _handle_signals(self) -> None:
-        while self.signals:
-            signum = self.signals.pop(0)
+        for signum in self.signals.take():
             if signum == signal.SIGHUP:
                 self._reload()
             elif signum == signal.SIGUSR1:
@@ -279,7 +246,7 @@ class Server:
             return
         self.notifier.reloading()
         try:
-            config = self.reload()
+            config = self.reload(self.config)  # procident.startup.reloader: what may change
         except ConfigError as err:
             log.error("reload failed, keeping the current configuration: %s", err)
             self.notifier.notify("READY=1", "STATUS=reload failed; serving as before")
@@ -293,17 +260,8 @@ class Server:
         self.notifier.notify("READY=1", "STATUS=configuration reloaded")
 
     def apply(self, config: Config) -> None:
-        """Serve with a new configuration; [server] changes wait for a restart."""
-        waiting = [
-            name for name in RESTART_ONLY if getattr(config, name) != getattr(self.config, name)
-        ]
-        if waiting:
-            log.warning(
-                "%s settings take effect at the next start",
-                ", ".join(f"[{name}]" for name in waiting),
-            )
-            # Keep describing what runs, so the next reload warns again.
-            config = replace(config, **{name: getattr(self.config, name) for name in waiting})
+        """Serve with a new configuration (what a reload may change: see
+        procident.startup.RELOAD_RULES)."""
         now = self.clock()
         self.admission.update(config.limits, config.access)
         if config.forward.timeout < self.config.forward.timeout:
@@ -323,11 +281,6 @@ class Server:
 
     def render_metrics(self) -> str:
         return self.metrics.render(self._open_connections())
-
-    def write_textfile(self) -> None:
-        """Write the metrics to [metrics] textfile, atomically; a failure is logged."""
-        if self.config.metrics.textfile:
-            write_metrics_file(self.config.metrics.textfile, self.render_metrics())
 
     # -- accepting ------------------------------------------------------------
 
@@ -523,9 +476,7 @@ class Server:
         if self.forwards.under_way:
             self.forwards.drop(conn)
         if conn.awaiting is not None:
-            waiting = self.file_waits.get(conn.awaiting, [])
-            if conn in waiting:
-                waiting.remove(conn)
+            self.file_waits.remove(conn.awaiting, conn)
             conn.awaiting = None
         if conn.events:
             self.selector.unregister(conn.sock)
@@ -548,8 +499,7 @@ class Server:
         answer = self.responder.respond(query, ident, self.clock())
         if answer.pending is not None:
             conn.awaiting = answer.pending
-            self.file_waits.setdefault(answer.pending, []).append(conn)
-            self.file_deadlines.setdefault(answer.pending, self.clock() + HELPER_TIMEOUT)
+            self.file_waits.add(answer.pending, conn, self.clock() + HELPER_TIMEOUT)
             return
         if answer.forward is not None:
             self._forward(conn, query, answer)
@@ -570,16 +520,14 @@ class Server:
         if self.helper.gone:
             log.error("the user-file helper has exited; users' files are no longer read")
             self.selector.unregister(self.helper)
-            for uid in list(self.file_deadlines):
+            for uid in self.file_waits.uids():
                 self.responder.accounts.give_up(uid)
                 self._files_came(uid)
 
     def _files_came(self, uid: int) -> None:
         """The files of `uid` came, or will not in time: answer the queries waiting."""
-        self.file_deadlines.pop(uid, None)
-        waiting = self.file_waits.pop(uid, [])
         try:
-            for conn in waiting:
+            for conn in self.file_waits.pop(uid):
                 if conn.awaiting is None or conn not in self.sessions:
                     continue
                 conn.awaiting = None

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from procident.config import connection_mismatch
 from procident.lookup import ConnectionId, Endpoint
+from procident.matching import connection_mismatch
 from procident.tomlcheck import (
     IPNetwork,
     PortRange,
@@ -61,6 +61,23 @@ class Choice:
     def matches(self, conn: ConnectionId) -> bool:
         """Whether this choice is for `conn` (local = this host's end)."""
         return not connection_mismatch(self, conn)
+
+    def describe(self) -> str:
+        """What `check-config --user` shows: the action and the connections it is for."""
+        what = self.action
+        if self.reply:
+            what += " " + ", ".join(map(repr, self.reply))
+        if self.forward:
+            what += f" to {self.forward}"
+        where = []
+        for label, networks in (("to", self.clients), ("from", self.local_addresses)):
+            if networks:
+                where.append(f"{label} {','.join(map(str, networks))}")
+        for label, ranges in (("fport", self.client_ports), ("lport", self.server_ports)):
+            if ranges:
+                shown = ",".join(f"{a}-{b}" if a != b else str(a) for a, b in ranges)
+                where.append(f"{label} {shown}")
+        return f"{what} for {' '.join(where)}" if where else f"{what} (any connection)"
 
 
 @dataclass(frozen=True, slots=True)
