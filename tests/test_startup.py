@@ -60,9 +60,7 @@ def test_log_sinks_wait_for_a_restart_but_the_level_and_user_names_apply(caplog)
     served, said = _reload(new, caplog)
     assert (served.log.target, served.log.format) == ("stderr", "text")
     assert (served.log.level, served.log.user_names) == ("debug", False)
-    assert said == [
-        "log.target, log.format and the syslog settings take effect at the next start"
-    ]
+    assert said == ["log.target, log.format and the syslog settings take effect at the next start"]
 
 
 def test_turning_nat_on_is_refused_with_the_key_and_reason(caplog) -> None:
