@@ -10,7 +10,6 @@ waiting, and hands every record to the one answer sink (procident.answerlog).
 from __future__ import annotations
 
 import functools
-import heapq
 import logging
 import selectors
 import signal
@@ -23,6 +22,7 @@ from procident.accounts import FileWaits
 from procident.admission import CAPS, Admission, Ticket, client_key, refusal_words
 from procident.answerlog import record_answer
 from procident.config import Config, ConfigError
+from procident.connection import SEND_BUFFER, Connection, Deadlines
 from procident.forwarding import Forwards
 from procident.homes import HELPER_TIMEOUT
 from procident.listeners import Acceptor, ListenError, open_listeners
@@ -34,7 +34,6 @@ from procident.protocol import Query
 from procident.responder import Answer, Responder
 from procident.session import (
     CLOSED,
-    OUTPUT_BOUND,
     Ask,
     Close,
     IdentSession,
@@ -48,57 +47,8 @@ __all__ = ["ListenError", "Server", "client_key", "open_listeners"]
 
 log = logging.getLogger(__name__)
 
-RECV_SIZE = 4096
-MAX_OUTPUT = OUTPUT_BOUND  # pending reply bytes past which a client is no longer read
-# The kernel's send buffer per connection: replies are at most ~600 bytes, and
-# a fixed size keeps autotuning from parking megabytes for a client that never
-# reads (on loopback it grows with the 64 KiB MSS).
-SEND_BUFFER = 16384
-REFUSAL_LOG_INTERVAL = 10.0
 _SILENT = frozenset({"done", "refused", "malformed"})  # Close records nothing logs or counts
 REAP_EVERY = 0.01  # seconds between two looks at every connection, at max_connections
-
-
-class Connection:
-    """One ident client connection: its socket, its session, what it waits for."""
-
-    __slots__ = (
-        "sock",
-        "peer",
-        "local",
-        "ticket",
-        "session",
-        "output",
-        "events",
-        "asking",
-        "awaiting",
-        "flush_by",
-        "due",
-    )
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        peer: Endpoint,
-        local: IPAddress,
-        ticket: Ticket,
-        session: IdentSession,
-    ) -> None:
-        self.sock = sock
-        self.peer = peer
-        self.local = local  # the address the client reached us on (RFC 1413 §3)
-        self.ticket = ticket
-        self.session = session
-        self.output = bytearray()  # replies the kernel has not taken yet
-        self.events = 0  # the selector events registered (0: not registered)
-        self.asking: Ask | None = None  # the session's Ask being answered
-        self.awaiting: int | None = None  # the uid whose files the helper is reading
-        self.flush_by: float | None = None  # closed: the time left to send its output
-        self.due: float | None = None  # the deadline last put in the server's heap
-
-    @property
-    def deadline(self) -> float | None:
-        return self.flush_by if self.session.phase is CLOSED else self.session.deadline
 
 
 class Server:
@@ -127,10 +77,7 @@ class Server:
         self.rules = rules_from(config.limits, config.reply)  # for each new session
         self.sessions: dict[Connection, None] = {}  # every open connection, oldest first
         self.by_client: dict[int, set[Connection]] = {}
-        # (deadline, order, connection): when to tick a session; stale entries are
-        # skipped (a connection's current one is Connection.due).
-        self.deadlines: list[tuple[float, int, Connection]] = []
-        self.pushed = 0
+        self.deadlines = Deadlines()  # when to tick each session
         # Connections waiting for another ident server (and the NAT loop guard).
         self.forwards = Forwards(self.selector, self._forward_done)
         # Connections whose query waits for the helper to read a user's files.
@@ -195,8 +142,9 @@ class Server:
         self.signals.close()
 
     def _timeout(self) -> float | None:
-        dues = [self.deadlines[0][0]] if self.deadlines else []
+        dues = []
         for due in (
+            self.deadlines.next(),
             self.forwards.next_deadline(),
             self.file_waits.next_deadline(),
             self.acceptor.resume_at,
@@ -213,11 +161,9 @@ class Server:
             self.responder.accounts.give_up(uid)
             self._files_came(uid)
         self.forwards.expire(now, self.config.forward.timeout)
-        while self.deadlines and self.deadlines[0][0] <= now:
-            due, _, conn = heapq.heappop(self.deadlines)
-            if conn not in self.sessions or conn.due != due:
-                continue  # closed, or its deadline moved
-            conn.due = None
+        for conn in self.deadlines.due(now):
+            if conn not in self.sessions:
+                continue
             if conn.session.phase is CLOSED:
                 self._close(conn)  # its last replies could not be sent in time
                 continue
@@ -364,16 +310,8 @@ class Server:
             self._close(conn)
 
     def _receive(self, conn: Connection) -> None:
-        if not conn.session.wants_read(len(conn.output)):
-            return  # closed, closing, or with queries still to answer
-        try:
-            data = conn.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
+        if not conn.receive(self.clock()):
             self._close(conn)
-            return
-        conn.session.receive_data(data, self.clock())  # b"": the client is done sending
 
     def _pump(self, conn: Connection) -> None:
         """Take the session's actions until it waits; then wait for what it needs."""
@@ -421,19 +359,7 @@ class Server:
         self._schedule(conn)
 
     def _schedule(self, conn: Connection) -> None:
-        """Put the connection's deadline in the heap, if it moved."""
-        deadline = conn.deadline
-        if deadline is None or deadline == conn.due:
-            return
-        conn.due = deadline
-        self.pushed += 1
-        heapq.heappush(self.deadlines, (deadline, self.pushed, conn))
-        if len(self.deadlines) > 4 * len(self.sessions) + 64:
-            # Stale entries (deadlines that moved) make room: keep each one's current.
-            self.deadlines = [
-                e for e in self.deadlines if e[2].due == e[0] and e[2] in self.sessions
-            ]
-            heapq.heapify(self.deadlines)
+        self.deadlines.schedule(conn, self.sessions)
 
     def _sink(self, conn: Connection, record: Record) -> None:
         record_answer(log, conn.peer, record, self.config.log.user_names, self.metrics)
@@ -441,28 +367,12 @@ class Server:
             self._refused("per_client_rate", conn.peer)
 
     def _queue(self, conn: Connection, line: bytes) -> None:
-        if conn.output:
-            conn.output += line
-            return
-        # One send per reply line: libident fails on replies that come in pieces.
-        try:
-            sent = conn.sock.send(line)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:  # reset by the client: nothing more can reach it
+        if not conn.queue(line):
             self._close(conn)
-            return
-        conn.output += line[sent:]
 
     def _send(self, conn: Connection) -> None:
-        try:
-            sent = conn.sock.send(conn.output)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:  # reset by the client
+        if not conn.flush():
             self._close(conn)
-            return
-        del conn.output[:sent]
 
     def _close(self, conn: Connection) -> None:
         if conn not in self.sessions:

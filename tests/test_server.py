@@ -17,10 +17,11 @@ import pytest
 from conftest import DictBackend
 
 from procident.config import Config, LimitsConfig
+from procident.connection import MAX_OUTPUT
 from procident.lookup import ConnectionId, Endpoint
 from procident.protocol import Query
 from procident.responder import Answer, Responder
-from procident.server import MAX_OUTPUT, ListenError, Server, client_key, open_listeners
+from procident.server import ListenError, Server, client_key, open_listeners
 
 LOCALHOST = Endpoint(ipaddress.IPv4Address("127.0.0.1"), 0)
 
