@@ -18,6 +18,7 @@ from collections.abc import Callable
 from procident.admission import client_key
 from procident.lookup import endpoint_from_sockaddr
 from procident.metrics import MAX_HTTP_REQUEST, http_response, write_textfile
+from procident.settings import MetricsConfig
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +131,37 @@ class Textfile:
     def close(self) -> None:
         if self.due is not None:
             self.write()
+
+
+class MetricsOutputs:
+    """Where the metrics go: the scrape endpoint on `listener` (if any), the textfile of
+    `config` (if any); their deadlines are the loop's to keep."""
+
+    def __init__(
+        self,
+        listener: socket.socket | None,
+        config: MetricsConfig,
+        selector: selectors.BaseSelector,
+        render: Callable[[], str],
+        clock: Callable[[], float],
+    ) -> None:
+        self.scrape = (
+            ScrapeEndpoint(listener, selector, render, clock) if listener is not None else None
+        )
+        self.textfile = Textfile(config.textfile, config.interval, render, clock())
+
+    def deadlines(self) -> list[float]:
+        dues = self.scrape.deadlines() if self.scrape is not None and self.scrape.scrapers else []
+        if self.textfile.due is not None:
+            dues.append(self.textfile.due)
+        return dues
+
+    def tick(self, now: float) -> None:
+        if self.scrape is not None:
+            self.scrape.expire(now)
+        self.textfile.tick(now)
+
+    def close(self) -> None:
+        self.textfile.close()
+        if self.scrape is not None:
+            self.scrape.close()
