@@ -3,11 +3,14 @@ rate. Pure (time is passed in); every driver (the selectors daemon, the asyncio
 adapter) admits through one Admission.
 
 A client is an IPv4 address or an IPv6 /64. Connections are capped in all
-(max_connections) and per client (per_client_connections); with over_limit = "error",
-a connection over a cap is still taken, to answer its first query UNKNOWN-ERROR, but
-only MAX_OVERFLOW such connections at once, and they count against no cap. Refusals are
-counted per limit, and said in the log at most once per REFUSAL_LOG_INTERVAL with the
-count since the last line.
+(max_connections): with over_limit = "error", a connection over it is still taken, to
+answer its first query UNKNOWN-ERROR, but only MAX_OVERFLOW such connections at once,
+and they count against no cap. A client's connections beyond per_client_connections are
+taken "once" (within max_connections): answered if they ask at once, then closed; so a
+reconnection wave is answered whole, and a client holding idle connections keeps only
+per_client_connections of them. [[limits.networks]] give some clients other per-client
+limits. Refusals are counted per limit, and said in the log at most once per
+REFUSAL_LOG_INTERVAL with the count since the last line.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 
 from procident.config import AccessConfig, LimitsConfig
 from procident.lookup import IPAddress
+from procident.tomlcheck import IPNetwork
 
 CAPS = ("max_connections", "per_client_connections")
 MAX_OVERFLOW = 64  # connections over a cap kept open at once to be answered UNKNOWN-ERROR
@@ -25,12 +29,24 @@ REFUSAL_LOG_INTERVAL = 10.0
 
 
 @dataclass(frozen=True, slots=True)
+class ClientLimits:
+    """The per-client limits of one client: [limits], or its [[limits.networks]] entry."""
+
+    connections: int
+    rate: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
 class Ticket:
-    """An admitted connection: its client, and the cap it was admitted over ("" when
-    within every cap; its session's first query then hears UNKNOWN-ERROR)."""
+    """An admitted connection: its client, the cap it was admitted over ("" when within
+    every cap; its session's first query then hears UNKNOWN-ERROR), whether it is over
+    the client's per_client_connections (`once`), and the client's limits."""
 
     key: int
     refused: str = ""
+    once: bool = False
+    limits: ClientLimits | None = None  # None: [limits] as they were at admission
 
 
 class Admission:
@@ -41,6 +57,7 @@ class Admission:
         self.limits = limits
         self.access = access or AccessConfig()
         self.limiter = RateLimiter.for_limits(limits)
+        self._networks = _client_limits(limits)
         self.per_client: dict[int, int] = {}
         self.within = 0  # connections admitted within the caps
         self.overflow = 0  # connections admitted over a cap, only to be refused
@@ -54,28 +71,35 @@ class Admission:
             self.limiter = RateLimiter.for_limits(limits)
         self.limits = limits
         self.access = access
+        self._networks = _client_limits(limits)
 
     def admit(self, address: IPAddress) -> Ticket | str:
         """A ticket for a new connection from `address`, or the name of the limit that
-        refuses it outright ("access", "max_connections", "per_client_connections")."""
+        refuses it outright ("access", "max_connections")."""
         access = self.access
         if (access.allow or access.deny) and not allowed(address, access):
             return "access"
         limits = self.limits
         key = client_key(address)
-        over = ""
         if self.within >= limits.max_connections:
-            over = "max_connections"
-        elif self.per_client.get(key, 0) >= limits.per_client_connections:
-            over = "per_client_connections"
-        if over:
             if limits.over_limit == "close" or self.overflow >= MAX_OVERFLOW:
-                return over
+                return "max_connections"
             self.overflow += 1
-            return Ticket(key, over)
+            return Ticket(key, "max_connections")
+        mine = self._mine(address)
+        cap = limits.per_client_connections if mine is None else mine.connections
+        held = self.per_client.get(key, 0)
         self.within += 1
-        self.per_client[key] = self.per_client.get(key, 0) + 1
-        return Ticket(key)
+        self.per_client[key] = held + 1
+        return Ticket(key, "", held >= cap, mine)
+
+    def at_cap(self, address: IPAddress) -> bool:
+        """Whether the next connection from `address` is the first over its client's
+        per_client_connections (the moment to look for connections it has closed)."""
+        limits = self.limits
+        mine = self._mine(address)
+        cap = limits.per_client_connections if mine is None else mine.connections
+        return self.per_client.get(client_key(address), 0) == cap
 
     def release(self, ticket: Ticket) -> None:
         """The connection of `ticket` is closed."""
@@ -89,10 +113,20 @@ class Admission:
         else:
             del self.per_client[ticket.key]
 
-    def allow(self, key: int, now: float) -> bool:
-        """One query of client `key` at `now`: False when over its rate."""
+    def _mine(self, address: IPAddress) -> ClientLimits | None:
+        """The limits of the first [[limits.networks]] entry `address` is in, if any."""
+        for networks, mine in self._networks:
+            if any(address in network for network in networks):
+                return mine
+        return None
+
+    def allow(self, ticket: Ticket, now: float) -> bool:
+        """One query of the client of `ticket` at `now`: False when over its rate."""
         limiter = self.limiter
-        return limiter.rate <= 0 or limiter.allow(key, now)
+        mine = ticket.limits
+        if mine is None:
+            return limiter.rate <= 0 or limiter.allow(ticket.key, now)
+        return mine.rate <= 0 or limiter.allow(ticket.key, now, mine.rate, mine.burst)
 
     def refused(self, limit: str, now: float) -> int:
         """Count one refusal by `limit`; the count to log now (and since the last line), or
@@ -114,8 +148,26 @@ def refusal_words(limit: str) -> str:
     return f"connection(s) over limits.{limit}"
 
 
-def _rate_settings(limits: LimitsConfig) -> tuple[float, int, int]:
-    return limits.per_client_rate, limits.per_client_burst, limits.clients_tracked
+def _rate_settings(limits: LimitsConfig) -> tuple[object, ...]:
+    return limits.per_client_rate, limits.per_client_burst, limits.clients_tracked, limits.networks
+
+
+def _client_limits(limits: LimitsConfig) -> tuple[tuple[tuple[IPNetwork, ...], ClientLimits], ...]:
+    """[[limits.networks]], each with its limits complete (what it leaves out, from
+    [limits])."""
+    return tuple(
+        (
+            net.clients,
+            ClientLimits(
+                limits.per_client_connections
+                if net.per_client_connections is None
+                else net.per_client_connections,
+                limits.per_client_rate if net.per_client_rate is None else net.per_client_rate,
+                limits.per_client_burst if net.per_client_burst is None else net.per_client_burst,
+            ),
+        )
+        for net in limits.networks
+    )
 
 
 def client_key(address: IPAddress) -> int:
@@ -159,18 +211,23 @@ class RateLimiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def allow(self, client: Hashable, now: float) -> bool:
-        """Take one token from `client`'s bucket at time `now`; False if it is empty."""
-        if self.rate <= 0:
+    def allow(
+        self, client: Hashable, now: float, rate: float | None = None, burst: int | None = None
+    ) -> bool:
+        """Take one token from `client`'s bucket at time `now`; False if it is empty. `rate`
+        and `burst`: this client's, where they differ from the limiter's."""
+        rate = self.rate if rate is None else rate
+        if rate <= 0:
             return True
+        full = float(self.burst if burst is None else burst)
         bucket = self._buckets.pop(client, None)
         if bucket is None:
-            tokens = float(self.burst)
+            tokens = full
             if len(self._buckets) >= self.size:
                 self._buckets.popitem(last=False)
         else:
             tokens, then = bucket
-            tokens = min(float(self.burst), tokens + max(0.0, now - then) * self.rate)
+            tokens = min(full, tokens + max(0.0, now - then) * rate)
         allowed = tokens >= 1.0
         if allowed:
             tokens -= 1.0

@@ -133,8 +133,8 @@ async def _serve_connection(
         writer.close()
         return
     writer.transport.set_write_buffer_limits(high=_MAX_OUTPUT)
-    rules = rules_from(limits, None, ticket.refused)
-    allow = functools.partial(state.admission.allow, ticket.key)
+    rules = rules_from(limits, None, ticket.refused, ticket.once)
+    allow = functools.partial(state.admission.allow, ticket)
     session = IdentSession(rules, loop.time(), allow)
     try:
         while True:

@@ -63,6 +63,7 @@ from procident.startup import (
     open_metrics_listener,
     open_privileged,
     open_serving,
+    raise_file_limit,
     reloader,
     support_lines,
     token_maker,
@@ -189,6 +190,7 @@ def serve(
     setup_logging(config.log)
     source = config_file(config_path) or "built-in defaults"
     log.info("configuration: %s", source)
+    raise_file_limit(config)
     with _one_sentence():
         found = backend(config.lookup.backend)
     log.info("lookup backend: %s", found.name)

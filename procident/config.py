@@ -27,6 +27,7 @@ from procident.settings import (
     MetricsConfig,
     NatConfig,
     NatMapEntry,
+    NetworkLimits,
     ReplyConfig,
     Rule,
     ServerConfig,
@@ -70,6 +71,7 @@ __all__ = [
     "MetricsConfig",
     "NatConfig",
     "NatMapEntry",
+    "NetworkLimits",
     "ReplyConfig",
     "Rule",
     "ServerConfig",
@@ -135,6 +137,7 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, Callable[[Any], Any]]]] = {
             "per_client_burst": _integer(1, 1000000),
             "over_limit": _choice(*OVER_LIMIT_ACTIONS),
             "clients_tracked": _integer(16, 10000000),
+            "networks": lambda value: _limit_networks(value),
         },
     ),
     "reply": (
@@ -288,6 +291,35 @@ def _nat_map(value: object) -> tuple[NatMapEntry, ...]:
         if any(entry.name == values["name"] for entry in entries):
             raise ValueError(f"{where}.name: {values['name']!r} names an earlier entry too")
         entries.append(NatMapEntry(**values))
+    return tuple(entries)
+
+
+_NETWORK_KEYS: dict[str, Callable[[Any], Any]] = {
+    "name": _name,
+    "clients": _list_of(_network, "networks"),
+    "per_client_connections": _integer(1, 65536),
+    "per_client_rate": _number(0, 1e6),
+    "per_client_burst": _integer(1, 1000000),
+}
+
+
+def _limit_networks(value: object) -> tuple[NetworkLimits, ...]:
+    """[[limits.networks]] entries; a ValueError starts with the entry's index and key."""
+    if not isinstance(value, list):
+        raise ValueError("must be an array of tables [[limits.networks]]")
+    entries: list[NetworkLimits] = []
+    for index, table in enumerate(value):
+        where = f"[{index}]"
+        values = _checked_table(table, _NETWORK_KEYS, where, "[[limits.networks]]")
+        if not values.get("clients"):
+            raise ValueError(f'{where}: needs clients, a list such as ["203.0.113.0/24"]')
+        if len(values) - ("name" in values) == 1:
+            raise ValueError(
+                f"{where}: sets no limit (per_client_connections, per_client_rate or "
+                "per_client_burst)"
+            )
+        values.setdefault("name", f"limits.networks{where}")
+        entries.append(NetworkLimits(**values))
     return tuple(entries)
 
 

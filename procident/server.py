@@ -19,7 +19,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import replace
 
 from procident.accounts import FileWaits
-from procident.admission import CAPS, Admission, Ticket, client_key, refusal_words
+from procident.admission import Admission, Ticket, client_key, refusal_words
 from procident.answerlog import record_answer
 from procident.config import Config, ConfigError
 from procident.connection import SEND_BUFFER, Connection, Deadlines
@@ -79,6 +79,8 @@ class Server:
         self.rules = rules_from(config.limits, config.reply)  # for each new session
         self.sessions: dict[Connection, None] = {}  # every open connection, oldest first
         self.by_client: dict[int, set[Connection]] = {}
+        # Connections over their client's cap that have not asked yet, oldest first.
+        self.unasked: dict[Connection, None] = {}
         self.deadlines = Deadlines()  # when to tick each session
         # Connections waiting for another ident server (and the NAT loop guard).
         self.forwards = Forwards(self.selector, self._forward_done)
@@ -239,26 +241,33 @@ class Server:
             sock.close()
             return
         admission = self.admission
+        if admission.at_cap(peer.address):
+            # The first over the client's cap: first see which of its connections closed.
+            self._reap(peer.address)
         ticket = admission.admit(peer.address)
-        over = ticket if isinstance(ticket, str) else ticket.refused
-        if over in CAPS and self._reap(peer.address):
-            # Connections the client had closed made room: admit it again.
+        full = ticket == "max_connections" or (isinstance(ticket, Ticket) and ticket.refused)
+        # Full: connections closed but not yet seen make room, else the oldest that is
+        # over its client's cap and has not asked (an idle hog's, not one within a cap).
+        if full and (self._reap(peer.address) or self._evict()):
             if isinstance(ticket, Ticket):
                 admission.release(ticket)
             ticket = admission.admit(peer.address)
-            over = ticket if isinstance(ticket, str) else ticket.refused
         if isinstance(ticket, str):
             sock.close()
             self._refused(ticket, peer)
             return
-        if over:
-            self._refused(over, peer)  # admitted only to hear UNKNOWN-ERROR
+        if ticket.refused:
+            self._refused(ticket.refused, peer)  # admitted only to hear UNKNOWN-ERROR
         key = ticket.key
-        rules = replace(self.rules, refused=over) if over else self.rules
+        rules = self.rules
+        if ticket.refused or ticket.once:
+            rules = replace(rules, refused=ticket.refused, once=ticket.once)
         now = self.clock()
-        session = IdentSession(rules, now, functools.partial(admission.allow, key))
+        session = IdentSession(rules, now, functools.partial(admission.allow, ticket))
         conn = Connection(sock, peer, local, ticket, session)
         self.sessions[conn] = None
+        if ticket.once:
+            self.unasked[conn] = None
         group = self.by_client.get(key)
         if group is None:
             self.by_client[key] = {conn}
@@ -285,6 +294,16 @@ class Server:
                 self._on_event(conn, selectors.EVENT_READ)
                 reaped += conn not in self.sessions
         return reaped
+
+    def _evict(self) -> bool:
+        """Close the oldest connection admitted over its client's cap that has not asked
+        yet, to make room for a new one; False when there is none."""
+        if not self.unasked:
+            return False
+        victim = next(iter(self.unasked))
+        self._refused("per_client_connections", victim.peer)
+        self._close(victim)
+        return True
 
     def _refused(self, limit: str, peer: Endpoint) -> None:
         # A flood must not flood the log too: per limit, one line per interval, with a count.
@@ -326,13 +345,15 @@ class Server:
                 if not conn.queue(action.line):
                     self._close(conn)  # reset by the client
             elif type(action) is Ask:
+                if conn.ticket.once:
+                    self.unasked.pop(conn, None)
                 conn.asking = action
                 self._resolve(conn)
                 now = self.clock()
             elif type(action) is Close:
                 if action.record.kind not in _SILENT:
                     self._sink(conn, action.record)
-                if action.reason == "idle":
+                if action.reason == "idle" or action.reason == "over-cap":
                     self._close(conn)  # a client that read nothing for that long: now
                     return
                 conn.flush_by = now + self.config.limits.idle_timeout  # to send what is left
@@ -369,11 +390,15 @@ class Server:
         record_answer(log, conn.peer, record, self.config.log.user_names, self.metrics)
         if record.kind == "rate":
             self._refused("per_client_rate", conn.peer)
+        elif record.kind == "over-cap":
+            self._refused("per_client_connections", conn.peer)
 
     def _close(self, conn: Connection) -> None:
         if conn not in self.sessions:
             return
         del self.sessions[conn]
+        if conn.ticket.once:
+            self.unasked.pop(conn, None)
         clients = self.by_client[conn.ticket.key]
         clients.discard(conn)
         if not clients:

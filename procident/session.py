@@ -59,9 +59,15 @@ class SessionRules:
     # Admitted over this cap (limits.over_limit = "error"): the first query hears
     # UNKNOWN-ERROR, then the connection ends. Empty: admitted within every cap.
     refused: str = ""
+    # Admitted over limits.per_client_connections: answered like any, but only if its
+    # query comes within FIRST_QUERY_GRACE, and closed after that one reply (an IRC
+    # server in a reconnection wave asks at once, and closes after the answer anyway).
+    once: bool = False
 
 
-def rules_from(limits: object, reply: object, refused: str = "") -> SessionRules:
+def rules_from(
+    limits: object, reply: object, refused: str = "", once: bool = False
+) -> SessionRules:
     """SessionRules from a LimitsConfig and a ReplyConfig (config.py's dataclasses)."""
     return SessionRules(
         idle_timeout=float(getattr(limits, "idle_timeout")),  # noqa: B009
@@ -69,7 +75,14 @@ def rules_from(limits: object, reply: object, refused: str = "") -> SessionRules
         over_limit=str(getattr(limits, "over_limit")),  # noqa: B009
         min_response_time=float(getattr(reply, "min_response_time", 0.0)),
         refused=refused,
+        once=once,
     )
+
+
+# Seconds a connection over limits.per_client_connections has to send its query. Clients
+# send it right after connecting; a client holding connections idle loses those past the
+# cap at this age.
+FIRST_QUERY_GRACE = 2.0
 
 
 class Outcome(NamedTuple):
@@ -86,9 +99,10 @@ class Record(NamedTuple):
 
     kind, for a Send: "answer" (a looked-up reply), "port-range", "rate" (over the
     per-client rate), "refused" (over a cap, or past max_queries_per_connection),
-    "malformed"; for a Close: "overlong", "idle", "malformed", "refused", "rate" (over
-    the rate with over_limit = "close", without a reply) or "done" (the client's input
-    ended, or the queries allowed were answered).
+    "malformed"; for a Close: "overlong", "idle", "over-cap" (admitted over
+    limits.per_client_connections, and no query came in time), "malformed", "refused",
+    "rate" (over the rate with over_limit = "close", without a reply) or "done" (the
+    client's input ended, or the queries allowed were answered).
     """
 
     kind: str
@@ -158,7 +172,8 @@ class IdentSession:
         self._seq = 0
         self._held: tuple[float, Send] | None = None  # a reply kept back, and when it is due
         self._closing: Close | None = None  # to come out once the replies before it have
-        self._idle_at = now + rules.idle_timeout
+        wait = min(FIRST_QUERY_GRACE, rules.idle_timeout) if rules.once else rules.idle_timeout
+        self._idle_at = now + wait
 
     # -- in --------------------------------------------------------------------
 
@@ -199,12 +214,17 @@ class IdentSession:
             and self._closing is None
             and now >= self._idle_at
         ):
+            if self.rules.once and not self._queries:
+                # Over the client's cap, and no query: it was held idle, so it goes.
+                record = Record("over-cap", rule="limits.per_client_connections")
+                self._closing = Close("over-cap", record)
+                return
             self._closing = Close("idle", Record("idle", rule=f"{self.rules.idle_timeout:g}"))
 
     def update_rules(self, rules: SessionRules, now: float) -> None:
         """A reload: the new rules apply from now on; a shorter idle timeout applies to the
         time already waited too. The cap this connection was admitted over stays."""
-        self.rules = replace(rules, refused=self.rules.refused)
+        self.rules = replace(rules, refused=self.rules.refused, once=self.rules.once)
         self._idle_at = min(self._idle_at, now + rules.idle_timeout)
 
     # -- out -------------------------------------------------------------------
@@ -286,7 +306,9 @@ class IdentSession:
             return self._reply_now(Send(line, Record("refused", event, line, rule)), now)
         self._queries += 1
         rules = self.rules
-        if self._queries >= rules.max_queries:
+        if rules.once:
+            self._closing = _DONE  # over the client's cap: this one reply, then the end
+        elif self._queries >= rules.max_queries:
             if rules.over_limit == "error":
                 self._refused = "max_queries_per_connection"
             else:

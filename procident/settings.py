@@ -31,17 +31,33 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class NetworkLimits:
+    """One [[limits.networks]] entry: other per-client limits for the clients in `clients`
+    (the IRC servers a bouncer host serves, say). None: as [limits] says."""
+
+    name: str
+    clients: tuple[IPNetwork, ...]
+    per_client_connections: int | None = None
+    per_client_rate: float | None = None
+    per_client_burst: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     """[limits]: what one client, and all of them, may hold."""
 
     idle_timeout: int = 60
-    max_connections: int = 256
+    # Enough for a reconnection wave: an IRC server asking about 500 bouncer users at once.
+    max_connections: int = 1024
+    # Connections one client may hold beyond this are answered too, but only if they ask
+    # at once, and once (session.FIRST_QUERY_GRACE): idle ones past it are closed.
     per_client_connections: int = 8
     max_queries_per_connection: int = 20
     per_client_rate: float = 10.0  # queries per second, sustained; 0: no limit
-    per_client_burst: int = 100
+    per_client_burst: int = 1000  # a wave of 500 queries at once, twice
     over_limit: str = "error"  # or "close"
     clients_tracked: int = 65536  # the rate limiter's table holds at most this many clients
+    networks: tuple[NetworkLimits, ...] = ()  # first match wins
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ import errno
 import ipaddress
 import logging
 import os
+import resource
 import socket
 import sys
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from procident import __version__
 from procident.accounts import Accounts, FileReader
+from procident.admission import MAX_OVERFLOW
 from procident.config import Config, ConfigError, load_config, with_listen, with_log
 from procident.homes import HomeHelper, read_home_files
 from procident.listeners import ListenError, open_listeners
@@ -131,6 +133,34 @@ def open_serving(config: Config, listen: tuple[Endpoint, ...] = ()) -> list[sock
         return open_listeners(config.server.listen)
     except ListenError as err:
         raise StartupError(str(err)) from None
+
+
+# Descriptors the daemon needs besides its client connections: listeners, forwards,
+# metrics clients, the helper, the log, the selector, and some to spare.
+SPARE_DESCRIPTORS = 128
+
+
+def raise_file_limit(config: Config) -> None:
+    """Raise the soft limit on open files (RLIMIT_NOFILE; systemd's default is 1024) to
+    what max_connections needs, as far as the hard limit allows; say so when it does not
+    allow enough (past it, accepting pauses for a second at a time)."""
+    need = config.limits.max_connections + MAX_OVERFLOW + SPARE_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        except (OSError, ValueError) as err:
+            log.warning("cannot raise the open file limit to %d: %s", soft, err)
+            return
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning(
+            "open file limit %d is below what limits.max_connections = %d needs (%d): "
+            "raise LimitNOFILE or lower max_connections",
+            soft,
+            config.limits.max_connections,
+            need,
+        )
 
 
 def open_metrics_listener(config: Config) -> socket.socket | None:
@@ -284,6 +314,8 @@ def reloader(load: Callable[[], Config], opened: Opened, source: str) -> Callabl
     def reload(running: Config) -> Config:
         new = reconcile(running, load(), opened, source)
         log.setLevel(new.log.level.upper())
+        if new.limits.max_connections > running.limits.max_connections:
+            raise_file_limit(new)  # up to the hard limit: no privilege needed
         return new
 
     return reload

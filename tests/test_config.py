@@ -186,6 +186,15 @@ def test_values_are_read(tmp_path: Path) -> None:
         ({"limits": {"idle_timeout": 1.5}}, "limits.idle_timeout: must be a whole number"),
         ({"limits": {"max_connections": True}}, "limits.max_connections: must be a whole number"),
         ({"limits": {"per_client_connections": -1}}, "limits.per_client_connections: must be"),
+        ({"limits": {"networks": [{"per_client_rate": 1}]}}, "limits.networks[0]: needs clients"),
+        (
+            {"limits": {"networks": [{"clients": ["10.0.0.0/8"]}]}},
+            "limits.networks[0]: sets no limit",
+        ),
+        (
+            {"limits": {"networks": [{"clients": ["10.0.0.0/8"], "burst": 3}]}},
+            "limits.networks[0].burst: unknown key",
+        ),
         ({"limits": {"max_queries_per_connection": "5"}}, "limits.max_queries_per_connection:"),
         ({"reply": {"os": "UN IX"}}, "reply.os: the OS token 'UN IX' is not 1 to 64"),
         ({"reply": {"os": ""}}, "reply.os: the OS token '' is not"),

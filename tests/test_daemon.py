@@ -320,14 +320,15 @@ def test_global_connection_cap(start_daemon) -> None:
 
 
 def test_connection_caps_with_over_limit_error(start_daemon) -> None:
-    """With over_limit "error", a connection past a cap has its query answered
-    UNKNOWN-ERROR and is closed; it takes no slot from anyone."""
+    """With over_limit "error", a connection past max_connections has its query answered
+    UNKNOWN-ERROR and is closed; it takes no slot from anyone. One past the client's
+    per_client_connections that asks at once is answered, once, then closed."""
     daemon = start_daemon("[limits]\nmax_connections = 2\nper_client_connections = 1\n")
     held = daemon.connect()
     held.sendall(b"0,1\r\n")
     assert read_line(held) == b"0,1:ERROR:INVALID-PORT\r\n"
-    assert daemon.ask(b"7,8\r\n") == b"7,8:ERROR:UNKNOWN-ERROR\r\n"  # per client
-    daemon.wait_log(r"refused 1 connection\(s\) over limits.per_client_connections")
+    # per client: the first query is answered for real, the second never
+    assert daemon.ask(b"7,8\r\n9,9\r\n") == b"7,8:ERROR:NO-USER\r\n"
     other = daemon.connect(source="127.0.0.5")
     other.sendall(b"0,1\r\n")
     assert read_line(other) == b"0,1:ERROR:INVALID-PORT\r\n"
@@ -339,16 +340,21 @@ def test_connection_caps_with_over_limit_error(start_daemon) -> None:
 
 
 def test_per_client_connection_cap(start_daemon) -> None:
-    """Past per_client_connections from one address, it is refused; other clients are not."""
+    """Past per_client_connections from one address, a connection that does not ask is
+    closed at the first-query grace, and the refusal logged; the connections within the
+    cap stay open; other clients are not affected."""
     daemon = start_daemon('[limits]\nper_client_connections = 2\nover_limit = "close"\n')
     held = [daemon.connect() for _ in range(2)]
     for sock in held:
         sock.sendall(b"0,1\r\n")
         assert read_line(sock) == b"0,1:ERROR:INVALID-PORT\r\n"
     with daemon.connect() as extra:
-        assert read_all(extra) == b""
+        assert read_all(extra) == b""  # closed, with nothing said
+    daemon.wait_log(r"refused 1 connection\(s\) over limits.per_client_connections")
     assert daemon.ask(b"1,1\r\n", source="127.0.0.4") == b"1,1:ERROR:NO-USER\r\n"
-    for sock in held:
+    for sock in held:  # still served
+        sock.sendall(b"0,2\r\n")
+        assert read_line(sock) == b"0,2:ERROR:INVALID-PORT\r\n"
         sock.close()
 
 

@@ -201,13 +201,16 @@ def test_idle_timeout(kind) -> None:
 
 @pytest.mark.parametrize("kind", ["daemon", "aio"])  # one inetd process sees one connection
 def test_per_client_connection_cap(kind) -> None:
-    """Past per_client_connections, a new connection is not served (over_limit close)."""
+    """Past per_client_connections, a new connection is served once: its first query is
+    answered, then it is closed; one that does not ask is closed (at the grace)."""
     limits = LimitsConfig(per_client_connections=1, over_limit="close")
     with SERVERS[kind](limits=limits) as server:
         with socket.create_connection(server.address, timeout=TIMEOUT) as held:
             held.sendall(b"1,1\r\n")
             assert held.recv(100) == b"1,1:ERROR:NO-USER\r\n"
-            assert server.exchange(b"1,1\r\n") == b""
+            assert server.exchange(b"1,1\r\n2,2\r\n") == b"1,1:ERROR:NO-USER\r\n"
+            with socket.create_connection(server.address, timeout=TIMEOUT) as idle:
+                assert idle.recv(100) == b""  # closed without a word
         # the slot is free again
         for _ in range(50):
             if server.exchange(b"1,1\r\n") == b"1,1:ERROR:NO-USER\r\n":
@@ -444,9 +447,9 @@ def test_inetd_forward_that_outlasts_the_idle_window_still_answers() -> None:
 
 @pytest.mark.parametrize("kind", ["daemon", "aio"])
 def test_connection_cap_with_over_limit_error(kind) -> None:
-    """With over_limit = "error", a connection over per_client_connections hears
-    UNKNOWN-ERROR for its query, then is closed (the asyncio adapter closed it silently)."""
-    limits = LimitsConfig(per_client_connections=1, over_limit="error")
+    """With over_limit = "error", a connection over max_connections hears UNKNOWN-ERROR
+    for its query, then is closed (the asyncio adapter closed it silently)."""
+    limits = LimitsConfig(max_connections=1, over_limit="error")
     with (
         SERVERS[kind](limits=limits) as server,
         socket.create_connection(server.address, timeout=TIMEOUT) as held,

@@ -15,6 +15,7 @@ from protocol_table import ALICE, PROTOCOL_TABLE
 from procident.protocol import ErrorReply, ErrorType, Query, UserIdReply, format_reply
 from procident.session import (
     CLOSED,
+    FIRST_QUERY_GRACE,
     NEED_DATA,
     OPEN,
     PAUSED,
@@ -234,6 +235,30 @@ def test_admitted_over_a_cap_the_first_query_hears_unknown_error() -> None:
     assert driver.run([b"40001,6667\r\n1,1\r\n"], True) == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n"
     assert driver.sends[0].record.rule == "limits.per_client_connections"
     assert driver.closed is not None and driver.closed.reason == "refused"
+
+
+@pytest.mark.parametrize("how", ["whole", "bytewise", "random"])
+def test_over_the_per_client_cap_a_connection_is_answered_once(how: str) -> None:
+    """rules.once (admitted past per_client_connections): its first query is answered for
+    real, then the session closes; a second query is never asked about."""
+    driver = Driver(SessionRules(once=True))
+    data = b"40001,6667\r\n1,1\r\n"
+    assert driver.run(chunked(data, how), False) == b"40001,6667:USERID:UNIX:alice\r\n"
+    assert driver.closed is not None and driver.closed.reason == "done"
+
+
+def test_over_the_per_client_cap_a_connection_that_does_not_ask_goes_at_the_grace() -> None:
+    """rules.once and no query: the session closes at FIRST_QUERY_GRACE, not the idle
+    timeout, with a record the driver counts as a refusal by the cap."""
+    session = IdentSession(SessionRules(idle_timeout=60, once=True), 0.0)
+    assert session.deadline == FIRST_QUERY_GRACE
+    session.tick(FIRST_QUERY_GRACE - 0.001)
+    assert session.next_action(FIRST_QUERY_GRACE - 0.001) is NEED_DATA
+    session.tick(FIRST_QUERY_GRACE)
+    close = session.next_action(FIRST_QUERY_GRACE)
+    assert isinstance(close, Close) and close.reason == "over-cap"
+    assert close.record.rule == "limits.per_client_connections"
+    assert session.phase is CLOSED
 
 
 @pytest.mark.parametrize("over_limit", ["error", "close"])
