@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 from procident.admission import Ticket
 from procident.lookup import Endpoint, IPAddress
+from procident.responder import Answer
 from procident.session import CLOSED, OUTPUT_BOUND, Ask, IdentSession
 
 RECV_SIZE = 4096
@@ -35,6 +36,9 @@ class Connection:
         "awaiting",
         "flush_by",
         "due",
+        "retry_at",
+        "race_until",
+        "fallback",
     )
 
     def __init__(
@@ -56,9 +60,16 @@ class Connection:
         self.awaiting: int | None = None  # the uid whose files the helper is reading
         self.flush_by: float | None = None  # closed: the time left to send its output
         self.due: float | None = None  # the deadline last put in the heap (Deadlines)
+        # Waiting for a bouncer to write the owner's file (FILE_RACE_WAIT): when to look
+        # again, until when, and the answer to send if no block comes.
+        self.retry_at: float | None = None
+        self.race_until: float | None = None
+        self.fallback: Answer | None = None
 
     @property
     def deadline(self) -> float | None:
+        if self.retry_at is not None:
+            return self.retry_at
         return self.flush_by if self.session.phase is CLOSED else self.session.deadline
 
     def receive(self, now: float) -> bool:

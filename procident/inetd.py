@@ -25,7 +25,7 @@ from procident.config import Config
 from procident.forward import forward_blocking
 from procident.lookup import ConnectionId, Endpoint, endpoint_from_sockaddr, normalize_address
 from procident.protocol import Query
-from procident.responder import Responder
+from procident.responder import FILE_RACE_POLL, FILE_RACE_WAIT, Responder, waited
 from procident.session import Ask, Close, IdentSession, Outcome, Send, rules_from
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,14 @@ def _answer(
         Endpoint(local.address, query.server_port), Endpoint(peer.address, query.client_port)
     )
     answer = responder.respond(query, conn, clock())
+    until = clock() + FILE_RACE_WAIT
+    while answer.recheck:
+        # No block for this connection in the owner's file: it may be being written.
+        if clock() >= until:
+            answer = waited(answer)
+            break
+        time.sleep(FILE_RACE_POLL)  # one connection per process: it may wait
+        answer = responder.respond(query, conn, clock())
     if answer.forward is not None:
         answer = forward_blocking(responder, query, answer, config.forward.timeout)
     assert answer.line is not None  # no helper here: files are read as they are asked for

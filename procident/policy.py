@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from procident.config import (
@@ -49,6 +49,9 @@ class Decision:
     forward: Endpoint | None = None
     capabilities: frozenset[str] | None = None  # forward chosen by a user: what it may answer
     trace: tuple[str, ...] = field(default=(), compare=False)
+    # The owner's file exists but says nothing for this connection (or cannot be read as
+    # it is: mid-write): a bouncer may be writing its block right now.
+    recheck: bool = field(default=False, compare=False)
 
 
 class Facts(Protocol):
@@ -167,6 +170,7 @@ def decide(
         return Decision(_FIXED[action], name, action, trace=trace.done())
 
     users = config.users
+    recheck = False
     if users.opt_in or users.noident or (chosen and chosen.user_may):
         files = facts.user_files(owner)
         for problem in files.problems:
@@ -187,11 +191,13 @@ def decide(
                 name = f"{name}+no user file"
                 if files.problems:
                     name = f"{name} (unusable)"
+                    recheck = not files.unreadable
             else:
                 choice = files.choices.choose(conn)
                 if choice is None:
                     trace(f"{files.choices.path}: no choice for this connection")
                     name = f"{name}+{files.choices.path}: no block for this connection"
+                    recheck = True
                 else:
                     refusal = _refusal(choice, owner, conn, chosen.user_may, facts)
                     if not refusal:
@@ -199,7 +205,8 @@ def decide(
                         return _user_act(choice, owner, chosen, reply_config, rng, trace)
                     trace(f"{choice.where}: {choice.action} refused ({refusal})")
                     name = f"{name}+{choice.where}: {choice.action} refused"
-    return _act(chosen, name, owner, reply_config, rng, trace)
+    decision = _act(chosen, name, owner, reply_config, rng, trace)
+    return replace(decision, recheck=True) if recheck else decision
 
 
 def _mismatch(rule: Rule, conn: ConnectionId, owner: Owner, groups: frozenset[str]) -> str:

@@ -43,6 +43,13 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
+# A query about the owner's connection whose file has no block for it (a bouncer may be
+# writing it: it learns the connection's port only once connected, and the IRC server
+# can ask first) waits up to FILE_RACE_WAIT seconds, looking again every FILE_RACE_POLL.
+FILE_RACE_WAIT = 0.2
+FILE_RACE_POLL = 0.025
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     """What was decided for one query, and why.
@@ -60,6 +67,7 @@ class Answer:
     forward: Forward | None = None
     trace: tuple[str, ...] = field(default=(), compare=False)
     pending: int | None = None  # the uid whose files are awaited
+    recheck: bool = False  # policy.Decision.recheck: the owner's file may be being written
 
 
 class Responder:
@@ -166,7 +174,15 @@ class Responder:
                 reply = decision.reply
             reply = policy.mask(reply, reply_config)
             line = format_reply(query.server_port, query.client_port, reply)
-            return Answer(line, reply, decision.rule, found, owner, trace=decision.trace)
+            return Answer(
+                line,
+                reply,
+                decision.rule,
+                found,
+                owner,
+                trace=decision.trace,
+                recheck=decision.recheck,
+            )
         except FilesPending as pending:
             return Answer(None, None, "users.pending", found, owner, pending=pending.uid)
         except Ambiguous as err:
@@ -325,6 +341,11 @@ class Ambiguous(Exception):
 
 def _describe(conn: ConnectionId) -> str:
     return f"{conn.local} <-> {conn.remote}"
+
+
+def waited(answer: Answer) -> Answer:
+    """The rules' answer after waiting for the owner's file in vain, saying so in its rule."""
+    return replace(answer, rule=f"{answer.rule} (waited {FILE_RACE_WAIT:g}s)", recheck=False)
 
 
 def describe_owner(answer: Answer | None) -> str:

@@ -31,7 +31,7 @@ from procident.metrics import Metrics
 from procident.metrics_http import MetricsOutputs
 from procident.process import Notifier, SignalWakeup
 from procident.protocol import Query
-from procident.responder import Answer, Responder
+from procident.responder import FILE_RACE_POLL, FILE_RACE_WAIT, Answer, Responder, waited
 from procident.session import (
     CLOSED,
     NEED_DATA,
@@ -166,6 +166,10 @@ class Server:
         heap = self.deadlines.heap
         for conn in self.deadlines.due(now) if heap and heap[0][0] <= now else ():
             if conn not in self.sessions:
+                continue
+            if conn.retry_at is not None:
+                conn.retry_at = None
+                self._continue(conn, self._retry)
                 continue
             if conn.session.phase is CLOSED:
                 self._close(conn)  # its last replies could not be sent in time
@@ -379,7 +383,10 @@ class Server:
             else:
                 self.selector.modify(conn.sock, events, functools.partial(self._on_event, conn))
             conn.events = events
-        deadline = conn.flush_by if session.phase is CLOSED else session.deadline
+        if conn.retry_at is not None:
+            deadline: float | None = conn.retry_at
+        else:
+            deadline = conn.flush_by if session.phase is CLOSED else session.deadline
         if deadline is not None and deadline != conn.due:  # Deadlines.schedule, inline
             self.deadlines.push(conn, deadline, sessions)
 
@@ -435,9 +442,31 @@ class Server:
         if answer.forward is not None:
             self._forward(conn, query, answer)
             return
+        if answer.recheck:
+            # No block for this connection in the owner's file: the bouncer may be writing
+            # it right now. Look again for a moment (no client waits when a block matches).
+            now = self.clock()
+            if conn.race_until is None:
+                conn.race_until = now + FILE_RACE_WAIT
+            if now < conn.race_until:
+                conn.fallback = answer
+                conn.retry_at = min(now + FILE_RACE_POLL, conn.race_until)
+                return
+            answer = waited(answer)
         self._answered(conn, answer)
 
+    def _retry(self, conn: Connection) -> None:
+        """The owner's file is looked at again, or the wait is over."""
+        if conn.asking is None:
+            return
+        assert conn.race_until is not None and conn.fallback is not None
+        if self.clock() >= conn.race_until:
+            self._answered(conn, waited(conn.fallback))
+        else:
+            self._resolve(conn)
+
     def _answered(self, conn: Connection, answer: Answer) -> None:
+        conn.race_until = conn.fallback = None
         ask, conn.asking = conn.asking, None
         assert ask is not None and answer.line is not None
         conn.session.answer(ask.seq, Outcome(answer.line, answer.rule, answer), self.clock())

@@ -4,12 +4,26 @@ holding idle connections beside it."""
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import logging
+import os
 import select
 import socket
 import time
+from dataclasses import replace
 
-from harness import IO_TIMEOUT, USER_UID, owned_connection, read_line, wait_for
+import pytest
+from conftest import DictBackend
+from harness import IO_TIMEOUT, USER_UID, owned_connection, read_all, read_line, wait_for
 
+from procident.accounts import Accounts
+from procident.config import Config, LimitsConfig, Rule
+from procident.homes import CONTENT, FileState
+from procident.inetd import serve_connection
+from procident.lookup import ConnectionId, Endpoint, SocketEntry, TcpState
+from procident.responder import FILE_RACE_POLL, FILE_RACE_WAIT, Responder
+from procident.server import Server, open_listeners
 from procident.session import FIRST_QUERY_GRACE
 
 WAVE = 500
@@ -132,3 +146,114 @@ def test_limits_networks_give_some_clients_their_own_limits(start_daemon) -> Non
     assert all(
         daemon.ask(b"1,1\r\n", source="127.0.0.8") == b"1,1:ERROR:NO-USER\r\n" for _ in range(5)
     )
+
+
+# -- the race with the bouncer's write ---------------------------------------------------
+
+LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
+ALICE_CONN = ConnectionId(Endpoint(LOOPBACK, 40001), Endpoint(LOOPBACK, 6667))
+OTHER_BLOCK = b'lport 1:2 { reply "elsewhere" }\n'
+ALICE_BLOCK = b'lport 40001 from 127.0.0.1 { reply "loungealice" }\n'
+BOUNCER = (
+    Rule(name="bouncer", action="real", users=frozenset({"alice"}), user_may=frozenset({"spoof"})),
+)
+
+
+class LateBouncer:
+    """Alice's ~/.oidentd.conf as a bouncer writes it: without her block for the first
+    `late` reads (a block for another connection, or the empty file of a write under
+    way), then with it; `None` for `late`: never."""
+
+    def __init__(self, before: bytes, late: int | None) -> None:
+        self.before = before
+        self.late = late
+        self.reads = 0
+
+    def __call__(self, uid: int, max_size: int) -> dict[str, FileState]:
+        self.reads += 1
+        data = self.before
+        if self.late is not None and self.reads > self.late:
+            data += ALICE_BLOCK
+        return {".oidentd.conf": FileState(CONTENT, data)}
+
+
+def _in_process(driver: str, files: LateBouncer, caplog) -> bytes:
+    """Ask about ALICE_CONN through `driver` ("daemon": the selectors loop in this process;
+    "inetd": serve_connection on a socket pair), with `files` as alice's home."""
+    config = replace(Config(), rules=BOUNCER, limits=LimitsConfig(per_client_rate=0))
+    entry = SocketEntry(ALICE_CONN.local, ALICE_CONN.remote, TcpState.ESTABLISHED, 1000, 4242)
+    accounts = Accounts(config, files, groups=lambda name: frozenset(), account=lambda name: False)
+    responder = Responder(DictBackend({ALICE_CONN: entry}), config, {1000: "alice"}.get, accounts)
+    query = b"40001,6667\r\n"
+    caplog.set_level(logging.INFO, logger="procident")
+    if driver == "inetd":
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            ours.sendall(query)
+            ours.shutdown(socket.SHUT_WR)
+            peer, local = Endpoint(LOOPBACK, 6667), Endpoint(LOOPBACK, 113)
+            serve_connection(responder, config, peer, local, theirs.fileno(), theirs.fileno())
+            theirs.shutdown(socket.SHUT_WR)
+            return read_all(ours)
+    server = Server(config, responder, open_listeners((Endpoint(LOOPBACK, 0),)))
+    try:
+        with socket.create_connection(server.listeners[0].getsockname(), timeout=5) as sock:
+            sock.sendall(query)
+            sock.setblocking(False)
+            received = b""
+            deadline = time.monotonic() + 10
+            while b"\n" not in received and time.monotonic() < deadline:
+                server.step(0.01)
+                with contextlib.suppress(BlockingIOError):
+                    received += sock.recv(100)
+            return received
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("driver", ["daemon", "inetd"])
+@pytest.mark.parametrize("before", [OTHER_BLOCK, b""], ids=["other-block", "mid-write"])
+def test_a_block_written_just_after_the_query_is_waited_for(driver, before, caplog) -> None:
+    """The IRC server asked before the bouncer wrote the block for this connection (the
+    file held another connection's block, or was empty, being rewritten): the daemon
+    looks again, and answers with the block once it is there."""
+    files = LateBouncer(before, late=2)
+    assert _in_process(driver, files, caplog) == b"40001,6667:USERID:OTHER:loungealice\r\n"
+    assert files.reads == 3
+
+
+@pytest.mark.parametrize("driver", ["daemon", "inetd"])
+def test_a_block_that_never_comes_is_waited_for_briefly_and_said(driver, caplog) -> None:
+    """No block ever comes: after FILE_RACE_WAIT the rule's own answer, and the log says
+    it waited; a block already there is used at the first read, without waiting."""
+    files = LateBouncer(OTHER_BLOCK, late=None)
+    assert _in_process(driver, files, caplog) == b"40001,6667:USERID:UNIX:alice\r\n"
+    assert 2 < files.reads <= 2 + FILE_RACE_WAIT / FILE_RACE_POLL
+    assert f"no block for this connection (waited {FILE_RACE_WAIT:g}s)" in caplog.text
+    caplog.clear()
+    files = LateBouncer(OTHER_BLOCK, late=0)
+    assert _in_process(driver, files, caplog) == b"40001,6667:USERID:OTHER:loungealice\r\n"
+    assert files.reads == 1 and "waited" not in caplog.text
+
+
+def test_the_daemon_waits_for_a_bouncer_that_writes_late(start_daemon, accounts, home) -> None:
+    """For real: the helper reads pidtest's ~/.oidentd.conf, which holds another
+    connection's block when the query comes; the bouncer rewrites it (truncate, write,
+    as The Lounge does) 50 ms after the IRC server asked. The answer is the new block's."""
+    daemon = start_daemon(
+        '[[rules]]\nusers = ["pidtest"]\naction = "real"\nuser_may = ["spoof"]\n',
+        preexec_fn=accounts,
+    )
+    conf = home / ".oidentd.conf"
+    conf.write_bytes(OTHER_BLOCK)
+    os.chown(conf, USER_UID, USER_UID)
+    with (
+        owned_connection(USER_UID, ("127.0.0.1", 0), "127.0.0.1") as conn,
+        daemon.connect() as sock,
+    ):
+        sock.sendall(conn.query)
+        time.sleep(0.05)  # the scenario: the bouncer is 50 ms late (not a synchronisation)
+        with open(conf, "wb") as file:
+            file.write(OTHER_BLOCK + f'lport {conn.local[1]} {{ reply "loungebob" }}\n'.encode())
+        reply = read_line(sock)
+    assert reply == conn.query.rstrip() + b":USERID:OTHER:loungebob\r\n"

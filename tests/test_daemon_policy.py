@@ -351,5 +351,6 @@ def test_the_log_tells_no_file_from_no_block(start_daemon, accounts, home: Path)
     reply, head = ask_owned(daemon)
     assert reply == head + b"USERID:UNIX:pidtest\r\n"
     daemon.wait_log(
-        r"reply=USERID:UNIX:pidtest rule=rules\[0\]\+~/\.oidentd\.conf: no block for this connection$"
+        r"reply=USERID:UNIX:pidtest rule=rules\[0\]\+~/\.oidentd\.conf: no block for this "
+        r"connection \(waited 0\.2s\)$"
     )
