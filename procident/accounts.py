@@ -91,6 +91,9 @@ class TimedCache(Generic[K, V]):
         self.put(key, value, now)  # re-inserted last: the dict stays in expiry order
         return value
 
+    def forget(self, key: K) -> None:
+        self._values.pop(key, None)
+
     def put(self, key: K, value: V, now: float) -> None:
         """Remember `value` for `key` as of `now`, as get would have."""
         self._values.pop(key, None)
@@ -176,6 +179,11 @@ class Accounts:
 
     def user_files(self, owner: policy.Owner) -> UserFiles:
         return self._files.get(owner.uid, self.now)
+
+    def read_again(self, uid: int) -> None:
+        """The next query about `uid` reads its files again, whatever cache_seconds says
+        (a bouncer may be writing them: see responder.FILE_RACE_WAIT)."""
+        self._files.forget(uid)
 
     def collect(self, now: float) -> list[int]:
         """Take the helper's answers that have come; the uids they are for. Each serves

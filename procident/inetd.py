@@ -147,6 +147,8 @@ def _answer(
             answer = waited(answer)
             break
         time.sleep(FILE_RACE_POLL)  # one connection per process: it may wait
+        if answer.owner is not None:
+            responder.accounts.read_again(answer.owner.uid)
         answer = responder.respond(query, conn, clock())
     if answer.forward is not None:
         answer = forward_blocking(responder, query, answer, config.forward.timeout)

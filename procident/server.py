@@ -462,8 +462,10 @@ class Server:
         assert conn.race_until is not None and conn.fallback is not None
         if self.clock() >= conn.race_until:
             self._answered(conn, waited(conn.fallback))
-        else:
-            self._resolve(conn)
+            return
+        if conn.fallback.owner is not None:
+            self.responder.accounts.read_again(conn.fallback.owner.uid)
+        self._resolve(conn)
 
     def _answered(self, conn: Connection, answer: Answer) -> None:
         conn.race_until = conn.fallback = None

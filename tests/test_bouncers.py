@@ -18,7 +18,7 @@ from conftest import DictBackend
 from harness import IO_TIMEOUT, USER_UID, owned_connection, read_all, read_line, wait_for
 
 from procident.accounts import Accounts
-from procident.config import Config, LimitsConfig, Rule
+from procident.config import Config, LimitsConfig, Rule, UsersConfig
 from procident.homes import CONTENT, FileState
 from procident.inetd import serve_connection
 from procident.lookup import ConnectionId, Endpoint, SocketEntry, TcpState
@@ -177,10 +177,15 @@ class LateBouncer:
         return {".oidentd.conf": FileState(CONTENT, data)}
 
 
-def _in_process(driver: str, files: LateBouncer, caplog) -> bytes:
+def _in_process(driver: str, files: LateBouncer, caplog, cache_seconds: int = 0) -> bytes:
     """Ask about ALICE_CONN through `driver` ("daemon": the selectors loop in this process;
     "inetd": serve_connection on a socket pair), with `files` as alice's home."""
-    config = replace(Config(), rules=BOUNCER, limits=LimitsConfig(per_client_rate=0))
+    config = replace(
+        Config(),
+        rules=BOUNCER,
+        limits=LimitsConfig(per_client_rate=0),
+        users=UsersConfig(cache_seconds=cache_seconds),
+    )
     entry = SocketEntry(ALICE_CONN.local, ALICE_CONN.remote, TcpState.ESTABLISHED, 1000, 4242)
     accounts = Accounts(config, files, groups=lambda name: frozenset(), account=lambda name: False)
     responder = Responder(DictBackend({ALICE_CONN: entry}), config, {1000: "alice"}.get, accounts)
@@ -213,12 +218,16 @@ def _in_process(driver: str, files: LateBouncer, caplog) -> bytes:
 
 @pytest.mark.parametrize("driver", ["daemon", "inetd"])
 @pytest.mark.parametrize("before", [OTHER_BLOCK, b""], ids=["other-block", "mid-write"])
-def test_a_block_written_just_after_the_query_is_waited_for(driver, before, caplog) -> None:
+@pytest.mark.parametrize("cache_seconds", [0, 60])
+def test_a_block_written_just_after_the_query_is_waited_for(
+    driver, before, cache_seconds, caplog
+) -> None:
     """The IRC server asked before the bouncer wrote the block for this connection (the
     file held another connection's block, or was empty, being rewritten): the daemon
-    looks again, and answers with the block once it is there."""
+    looks again, and answers with the block once it is there (whatever cache_seconds)."""
     files = LateBouncer(before, late=2)
-    assert _in_process(driver, files, caplog) == b"40001,6667:USERID:OTHER:loungealice\r\n"
+    reply = _in_process(driver, files, caplog, cache_seconds)
+    assert reply == b"40001,6667:USERID:OTHER:loungealice\r\n"
     assert files.reads == 3
 
 
