@@ -12,6 +12,7 @@ from procident.config import ReplyConfig
 from procident.lookup import ConnectionId, Endpoint
 from procident.protocol import (
     ErrorReply,
+    ErrorType,
     Query,
     Reply,
     ReplyError,
@@ -118,6 +119,17 @@ def forwarded_reply(
     charset = config.charset or None
     reply: Reply | None = None
     answered, note = read_answer(line, failure, plan.ask)
+    if (
+        isinstance(answered, ErrorReply)
+        and answered.error is ErrorType.NO_USER
+        and plan.conn.remote.address != plan.target.address
+    ):
+        # The Lounge's identd (and any that checks who asks) answers only a query from
+        # the IRC server itself: to a forward, from this host, it says NO-USER.
+        note = (
+            "answered NO-USER; an application that answers only the IRC server itself "
+            "(The Lounge's identd) cannot be forwarded to: use its oidentd file instead"
+        )
     if isinstance(answered, ErrorReply):
         # Any error conceals the owner: from a user's own application it stands only
         # where the user may hide (else the fallback below names them).

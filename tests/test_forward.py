@@ -146,6 +146,29 @@ def forwarding(app: App, extra: str = "") -> str:
     return f'[[rules]]\nusers = ["alice"]\naction = "forward"\nforward = "127.0.0.1:{app.port}"\n{extra}'
 
 
+@pytest.mark.parametrize("irc_server", ["127.0.0.1", "127.0.0.5"])
+def test_a_forward_answered_no_user_says_the_likely_cause(make, apps, caplog, irc_server) -> None:
+    """The Lounge's identd answers only the IRC server itself, so a forward (from this
+    host) hears NO-USER: where the IRC server is another address, the log says that such
+    an application cannot be forwarded to, and what to use instead."""
+    app = apps(echo("ERROR:NO-USER"))
+    fixture = make(forwarding(app))
+    remote = ipaddress.IPv4Address(irc_server)
+    local, peer = Endpoint(LOOPBACK, 40001), Endpoint(remote, 6667)
+    fixture.backend.table[ConnectionId(local, peer)] = SocketEntry(
+        local, peer, TcpState.ESTABLISHED, 1000, 4242
+    )
+    client = socket.socket()
+    client.bind((irc_server, 0))
+    client.connect(fixture.server.listeners[0].getsockname())
+    client.setblocking(False)
+    with client, caplog.at_level(logging.INFO, logger="procident"):
+        client.send(b"40001,6667\r\n")
+        assert fixture.pump_until(client) == b"40001,6667:ERROR:NO-USER\r\n"
+    hint = "cannot be forwarded to: use its oidentd file instead"
+    assert (hint in caplog.text) == (irc_server != "127.0.0.1")
+
+
 def test_forward_relays_the_applications_answer(make, apps, caplog) -> None:
     """The application is asked the same port pair; its id goes out (as OTHER, not a login
     name), and the log names the rule, the target and the real owner."""
