@@ -15,15 +15,17 @@ REFUSAL_LOG_INTERVAL with the count since the last line.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from ipaddress import IPv6Address
+from typing import NamedTuple
 
 from procident.config import AccessConfig, LimitsConfig
 from procident.lookup import IPAddress
 from procident.tomlcheck import IPNetwork
 
-CAPS = ("max_connections", "per_client_connections")
 MAX_OVERFLOW = 64  # connections over a cap kept open at once to be answered UNKNOWN-ERROR
 REFUSAL_LOG_INTERVAL = 10.0
 
@@ -37,8 +39,7 @@ class ClientLimits:
     burst: int
 
 
-@dataclass(frozen=True, slots=True)
-class Ticket:
+class Ticket(NamedTuple):  # a NamedTuple: made for every connection, it must be cheap
     """An admitted connection: its client, the cap it was admitted over ("" when within
     every cap; its session's first query then hears UNKNOWN-ERROR), whether it is over
     the client's per_client_connections (`once`), and the client's limits."""
@@ -60,6 +61,9 @@ class Admission:
         self._networks = _client_limits(limits)
         self.per_client: dict[int, int] = {}
         self.within = 0  # connections admitted within the caps
+        # The last ticket given was the first over its client's per_client_connections:
+        # the moment for the driver to look for connections that client has closed.
+        self.first_over = False
         self.overflow = 0  # connections admitted over a cap, only to be refused
         self.refusals: dict[str, int] = {}
         self._logged_at: dict[str, float] = {}
@@ -86,20 +90,13 @@ class Admission:
                 return "max_connections"
             self.overflow += 1
             return Ticket(key, "max_connections")
-        mine = self._mine(address)
+        mine = self._mine(address) if self._networks else None
         cap = limits.per_client_connections if mine is None else mine.connections
         held = self.per_client.get(key, 0)
         self.within += 1
         self.per_client[key] = held + 1
+        self.first_over = held == cap
         return Ticket(key, "", held >= cap, mine)
-
-    def at_cap(self, address: IPAddress) -> bool:
-        """Whether the next connection from `address` is the first over its client's
-        per_client_connections (the moment to look for connections it has closed)."""
-        limits = self.limits
-        mine = self._mine(address)
-        cap = limits.per_client_connections if mine is None else mine.connections
-        return self.per_client.get(client_key(address), 0) == cap
 
     def release(self, ticket: Ticket) -> None:
         """The connection of `ticket` is closed."""
@@ -119,6 +116,12 @@ class Admission:
             if any(address in network for network in networks):
                 return mine
         return None
+
+    def rate_for(self, ticket: Ticket) -> Callable[[float], bool] | None:
+        """The session's per-query rate check for `ticket`'s client: None when its rate is
+        unlimited (nothing to ask per query)."""
+        rate = self.limiter.rate if ticket.limits is None else ticket.limits.rate
+        return None if rate <= 0 else functools.partial(self.allow, ticket)
 
     def allow(self, ticket: Ticket, now: float) -> bool:
         """One query of the client of `ticket` at `now`: False when over its rate."""
@@ -175,7 +178,7 @@ def client_key(address: IPAddress) -> int:
     IPv6 /64 (one host commonly holds a whole /64, so counting addresses would cap
     nothing). An int (IPv4 addresses as they are, /64 prefixes negative), so the tables
     hash it cheaply on every connection."""
-    if address.version == 6:
+    if isinstance(address, IPv6Address):  # not .version: a Python property, per connection
         return -1 - (int(address) >> 64)
     return int(address)
 

@@ -33,6 +33,8 @@ def record_answer(
         if kind == "malformed" or query is None:
             if metrics is not None:
                 metrics.malformed += 1
+            if not logger.isEnabledFor(logging.INFO):
+                return
             logger.info(
                 "answer client=%s query=malformed reply=INVALID-PORT",
                 client,
@@ -47,6 +49,8 @@ def record_answer(
                 },
             )
             return
+        if not logger.isEnabledFor(logging.INFO):
+            return  # (log_answer would say the same, a call later: once per query)
         detail = record.detail if isinstance(record.detail, Answer) else None
         log_answer(
             logger,

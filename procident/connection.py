@@ -72,19 +72,6 @@ class Connection:
             return self.retry_at
         return self.flush_by if self.session.phase is CLOSED else self.session.deadline
 
-    def receive(self, now: float) -> bool:
-        """Read what the client sent into the session, if the session reads now."""
-        if not self.session.wants_read(len(self.output)):
-            return True  # closed, closing, or with queries still to answer
-        try:
-            data = self.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
-            return False
-        self.session.receive_data(data, now)  # b"": the client is done sending
-        return True
-
     def queue(self, line: bytes) -> bool:
         """Send one reply line, or keep it until the kernel takes it."""
         if self.output:
@@ -131,12 +118,17 @@ class Deadlines:
             self.push(conn, deadline, live)
 
     def push(self, conn: Connection, deadline: float, live: dict[Connection, None]) -> None:
+        # (server._pump has this inline: once per query)
         conn.due = deadline
         self.pushed += 1
         heapq.heappush(self.heap, (deadline, self.pushed, conn))
         if len(self.heap) > 4 * len(live) + 64:
-            self.heap = [e for e in self.heap if e[2].due == e[0] and e[2] in live]
-            heapq.heapify(self.heap)
+            self.compact(live)
+
+    def compact(self, live: dict[Connection, None]) -> None:
+        """Drop the stale entries: each connection keeps its current deadline."""
+        self.heap = [e for e in self.heap if e[2].due == e[0] and e[2] in live]
+        heapq.heapify(self.heap)
 
     def due(self, now: float) -> Iterator[Connection]:
         """The connections whose deadline has come, each taken off the heap."""

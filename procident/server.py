@@ -10,6 +10,7 @@ waiting, and hands every record to the one answer sink (procident.answerlog).
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 import selectors
 import signal
@@ -22,7 +23,7 @@ from procident.accounts import FileWaits
 from procident.admission import Admission, Ticket, client_key, refusal_words
 from procident.answerlog import record_answer
 from procident.config import Config, ConfigError
-from procident.connection import SEND_BUFFER, Connection, Deadlines
+from procident.connection import RECV_SIZE, SEND_BUFFER, Connection, Deadlines
 from procident.forwarding import Forwards
 from procident.homes import HELPER_TIMEOUT
 from procident.listeners import Acceptor, ListenError, open_listeners
@@ -245,16 +246,17 @@ class Server:
             sock.close()
             return
         admission = self.admission
-        if admission.at_cap(peer.address):
-            # The first over the client's cap: first see which of its connections closed.
-            self._reap(peer.address)
         ticket = admission.admit(peer.address)
-        full = ticket == "max_connections" or (isinstance(ticket, Ticket) and ticket.refused)
-        # Full: connections closed but not yet seen make room, else the oldest that is
-        # over its client's cap and has not asked (an idle hog's, not one within a cap).
-        if full and (self._reap(peer.address) or self._evict()):
-            if isinstance(ticket, Ticket):
-                admission.release(ticket)
+        if isinstance(ticket, str) or ticket.refused:
+            # Full: connections closed but not yet seen make room, else the oldest that is
+            # over its client's cap and has not asked (an idle hog's, not one within a cap).
+            if ticket != "access" and (self._reap(peer.address) or self._evict()):
+                if isinstance(ticket, Ticket):
+                    admission.release(ticket)
+                ticket = admission.admit(peer.address)
+        elif admission.first_over and self._reap(peer.address):
+            # The first over the client's cap: connections it closed may make room.
+            admission.release(ticket)
             ticket = admission.admit(peer.address)
         if isinstance(ticket, str):
             sock.close()
@@ -267,7 +269,7 @@ class Server:
         if ticket.refused or ticket.once:
             rules = replace(rules, refused=ticket.refused, once=ticket.once)
         now = self.clock()
-        session = IdentSession(rules, now, functools.partial(admission.allow, ticket))
+        session = IdentSession(rules, now, admission.rate_for(ticket))
         conn = Connection(sock, peer, local, ticket, session)
         self.sessions[conn] = None
         if ticket.once:
@@ -322,12 +324,17 @@ class Server:
         try:
             if mask & selectors.EVENT_WRITE and not conn.flush():
                 self._close(conn)  # reset by the client
-            if (
-                mask & selectors.EVENT_READ
-                and conn in self.sessions
-                and not conn.receive(self.clock())
-            ):
-                self._close(conn)
+            if mask & selectors.EVENT_READ and conn in self.sessions:
+                session = conn.session
+                if session.wants_read(len(conn.output)):  # else: closing, or queries wait
+                    try:
+                        data = conn.sock.recv(RECV_SIZE)
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                    except OSError:
+                        self._close(conn)
+                    else:
+                        session.receive_data(data, self.clock())  # b"": the client is done
             if conn in self.sessions:
                 self._pump(conn)
         except Exception:
@@ -345,7 +352,10 @@ class Server:
             action = session.next_action(now, len(conn.output))
             # type() is: cheaper than isinstance, for every action of every query
             if type(action) is Send:
-                self._sink(conn, action.record)
+                record = action.record
+                record_answer(log, conn.peer, record, self.config.log.user_names, self.metrics)
+                if record.kind == "rate":
+                    self._refused("per_client_rate", conn.peer)
                 if not conn.queue(action.line):
                     self._close(conn)  # reset by the client
             elif type(action) is Ask:
@@ -388,7 +398,12 @@ class Server:
         else:
             deadline = conn.flush_by if session.phase is CLOSED else session.deadline
         if deadline is not None and deadline != conn.due:  # Deadlines.schedule, inline
-            self.deadlines.push(conn, deadline, sessions)
+            conn.due = deadline
+            deadlines = self.deadlines
+            deadlines.pushed += 1
+            heapq.heappush(deadlines.heap, (deadline, deadlines.pushed, conn))
+            if len(deadlines.heap) > 4 * len(sessions) + 64:
+                deadlines.compact(sessions)
 
     def _schedule(self, conn: Connection) -> None:
         self.deadlines.schedule(conn, self.sessions)

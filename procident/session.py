@@ -157,7 +157,7 @@ class IdentSession:
         self,
         rules: SessionRules,
         now: float,
-        allow: Callable[[float], bool] = lambda now: True,
+        allow: Callable[[float], bool] | None = None,
     ) -> None:
         self.rules = rules
         self.allow = allow
@@ -194,7 +194,8 @@ class IdentSession:
             return  # an answer to nothing outstanding (the session moved on): dropped
         self._asking = None
         line = outcome.line
-        self._hold(Send(line, Record("answer", ask.query, line, outcome.rule, outcome.detail)))
+        send = Send(line, Record("answer", ask.query, line, outcome.rule, outcome.detail))
+        self._held = (self._asked_at + self.rules.min_response_time, send)  # as _hold does
 
     def fail(self, seq: int, now: float) -> None:
         """The driver's lookup for Ask `seq` raised: UNKNOWN-ERROR (the driver logs why)."""
@@ -313,7 +314,7 @@ class IdentSession:
                 self._refused = "max_queries_per_connection"
             else:
                 self._closing = _DONE
-        if not self.allow(now):
+        if self.allow is not None and not self.allow(now):
             return self._over_rate(event, now)
         if kind is InvalidPort:
             line = format_reply(event.server_port, event.client_port, _INVALID)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import select
 import socket
 import struct
 from contextlib import AbstractContextManager, nullcontext
@@ -59,30 +60,38 @@ _NOWHERE6 = Endpoint(ipaddress.IPv6Address("::"), 0)
 _MSG_SIZE = _MSG_HEAD.size + _SOCKID_ADDRESSES.size + _SOCKID_TAIL.size + _MSG_TAIL.size
 
 
+_AF_INET, _AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)  # not enums: per query
+
+
 def _family(address: IPAddress) -> int:
-    return socket.AF_INET if address.version == 4 else socket.AF_INET6
+    return _AF_INET if isinstance(address, ipaddress.IPv4Address) else _AF_INET6
+
+
+# The parts of a request that do not depend on the connection, packed once.
+_HEADS = {
+    family: _REQUEST_HEAD.pack(family, socket.IPPROTO_TCP, 0, 0, ALL_STATES)
+    for family in (_AF_INET, _AF_INET6)
+}
+_TAIL = _SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+_REQUEST_SIZE = _HEADER.size + _REQUEST_HEAD.size + _SOCKID_ADDRESSES.size + _SOCKID_TAIL.size
 
 
 def pack_request(local: Endpoint, remote: Endpoint, seq: int) -> bytes:
     """A SOCK_DIAG_BY_FAMILY request for the TCP socket local <-> remote."""
-    family = _family(local.address)
-    body = (
-        _REQUEST_HEAD.pack(family, socket.IPPROTO_TCP, 0, 0, ALL_STATES)
-        + _SOCKID_ADDRESSES.pack(
-            local.port,
-            remote.port,
-            local.address.packed.ljust(16, b"\0"),
-            remote.address.packed.ljust(16, b"\0"),
-        )
-        + _SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+    addresses = _SOCKID_ADDRESSES.pack(
+        local.port,
+        remote.port,
+        local.address.packed.ljust(16, b"\0"),
+        remote.address.packed.ljust(16, b"\0"),
     )
-    return _HEADER.pack(_HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0) + body
+    header = _HEADER.pack(_REQUEST_SIZE, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0)
+    return header + _HEADS[_family(local.address)] + addresses + _TAIL
 
 
 def _address(family: int, raw: bytes) -> IPAddress:
-    if family == socket.AF_INET:
+    if family == _AF_INET:
         return ipaddress.IPv4Address(raw[:4])
-    if family == socket.AF_INET6:
+    if family == _AF_INET6:
         return ipaddress.IPv6Address(raw)
     raise ValueError(f"address family {family} in a TCP diag message")
 
@@ -134,7 +143,9 @@ class NetlinkBackend:
     def __init__(self) -> None:
         """Open the netlink socket; OSError if the kernel offers no sock_diag."""
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
-        self._sock.settimeout(TIMEOUT)
+        # Non-blocking, not a timeout: a timeout costs a poll() before every send and
+        # recv, and the kernel queues its answer within the send anyway.
+        self._sock.setblocking(False)
         self._sock.bind((0, 0))
         self._seq = 0
 
@@ -156,12 +167,20 @@ class NetlinkBackend:
         listener = self._ask(conn.local, nowhere)
         return Found(entry, inbound=listener is not None and listener.state == TcpState.LISTEN)
 
+    def _recv(self) -> bytes:
+        try:
+            return self._sock.recv(65536)
+        except BlockingIOError:  # not answered within the send (never seen): wait a little
+            if not select.select([self._sock], [], [], TIMEOUT)[0]:
+                raise OSError(errno.ETIMEDOUT, f"no answer in {TIMEOUT:g}s") from None
+            return self._sock.recv(65536)
+
     def _ask(self, local: Endpoint, remote: Endpoint) -> SocketEntry | None:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         try:
             self._sock.send(pack_request(local, remote, self._seq))
             while True:
-                result = unpack_response(self._sock.recv(65536), self._seq)
+                result = unpack_response(self._recv(), self._seq)
                 if result is not False:
                     return result  # type: ignore[return-value]
         except (OSError, ValueError) as err:

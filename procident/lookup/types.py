@@ -131,13 +131,26 @@ def lines_with(text: str, needle: str) -> Iterator[str]:
         at = text.find(needle, end)
 
 
+# Socket address text -> address, for endpoint_from_sockaddr: a host's own addresses and
+# its clients' repeat on every accept. Bounded: emptied when full.
+_ADDRESSES: dict[str, IPAddress] = {}
+_ADDRESSES_SIZE = 4096
+
+
 def endpoint_from_sockaddr(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint:
     """An Endpoint from a socket address as Python returns it (scope ids dropped)."""
-    host = sockaddr[0].split("%", 1)[0]
-    # From the packed bytes: four times cheaper than parsing the text, on every accept.
-    address: IPAddress
-    if ":" in host:
-        address = ipaddress.IPv6Address(socket.inet_pton(socket.AF_INET6, host))
-    else:
-        address = ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, host))
-    return Endpoint(normalize_address(address), sockaddr[1])
+    text = sockaddr[0]
+    address = _ADDRESSES.get(text)
+    if address is None:
+        host = text.split("%", 1)[0]
+        # From the packed bytes: four times cheaper than parsing the text.
+        parsed: IPAddress
+        if ":" in host:
+            parsed = ipaddress.IPv6Address(socket.inet_pton(socket.AF_INET6, host))
+        else:
+            parsed = ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, host))
+        address = normalize_address(parsed)
+        if len(_ADDRESSES) >= _ADDRESSES_SIZE:
+            _ADDRESSES.clear()
+        _ADDRESSES[text] = address
+    return Endpoint(address, sockaddr[1])
