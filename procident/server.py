@@ -16,23 +16,20 @@ import selectors
 import signal
 import socket
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import replace
 
-from procident.accounts import FileWaits
 from procident.admission import Admission, Ticket, client_key, refusal_words
+from procident.answering import Answering
 from procident.answerlog import record_answer
 from procident.config import Config, ConfigError
 from procident.connection import RECV_SIZE, SEND_BUFFER, Connection, Deadlines
-from procident.forwarding import Forwards
-from procident.homes import HELPER_TIMEOUT
 from procident.listeners import Acceptor, ListenError, open_listeners
-from procident.lookup import ConnectionId, Endpoint, IPAddress, endpoint_from_sockaddr
+from procident.lookup import Endpoint, IPAddress, endpoint_from_sockaddr
 from procident.metrics import Metrics
 from procident.metrics_http import MetricsOutputs
 from procident.process import Notifier, SignalWakeup
-from procident.protocol import Query
-from procident.responder import FILE_RACE_POLL, FILE_RACE_WAIT, Answer, Responder, waited
+from procident.responder import Responder
 from procident.session import (
     CLOSED,
     NEED_DATA,
@@ -40,7 +37,6 @@ from procident.session import (
     Ask,
     Close,
     IdentSession,
-    Outcome,
     Record,
     Send,
     rules_from,
@@ -83,11 +79,16 @@ class Server:
         # Connections over their client's cap that have not asked yet, oldest first.
         self.unasked: dict[Connection, None] = {}
         self.deadlines = Deadlines()  # when to tick each session
-        # Connections waiting for another ident server (and the NAT loop guard).
-        self.forwards = Forwards(self.selector, self._forward_done)
-        # Connections whose query waits for the helper to read a user's files.
-        self.file_waits: FileWaits[Connection] = FileWaits()
-        self.helper = getattr(getattr(responder, "accounts", None), "helper", None)
+        # Asks answered later: forwards, the user-file helper, a bouncer's late block.
+        self.answering = Answering(
+            responder,
+            self.selector,
+            clock,
+            lambda: self.config.forward.timeout,
+            self.metrics,
+            self._continue,
+            self.sessions.__contains__,
+        )
         self.reaped_at = float("-inf")  # the last look for closed connections at max_connections
         self.running = False
         self.signals = SignalWakeup(self.selector)
@@ -95,8 +96,6 @@ class Server:
         self.outputs = MetricsOutputs(
             metrics_listener, config.metrics, self.selector, self.render_metrics, clock
         )
-        if self.helper is not None:
-            self.selector.register(self.helper, selectors.EVENT_READ, self._on_helper)
 
     # -- the loop -------------------------------------------------------------
 
@@ -133,8 +132,7 @@ class Server:
         for conn in list(self.sessions):
             self._close(conn)
         self.outputs.close()
-        if self.helper is not None and not self.helper.gone:
-            self.selector.unregister(self.helper)
+        self.answering.close()
         self.acceptor.close()
         self.listeners = []
         self.selector.close()
@@ -145,12 +143,8 @@ class Server:
         heap = self.deadlines.heap
         due = heap[0][0] if heap else None
         paused = self.acceptor.resume_at is not None
-        if self.forwards.deadlines or self.file_waits.deadlines or paused:
-            others = (
-                self.forwards.next_deadline(),
-                self.file_waits.next_deadline(),
-                self.acceptor.resume_at,
-            )
+        if self.answering.waiting or paused:
+            others = (self.answering.next_deadline(), self.acceptor.resume_at)
             due = min(d for d in (due, *others) if d is not None)
         outputs = self.outputs.deadlines()
         if outputs:
@@ -158,19 +152,14 @@ class Server:
         return None if due is None else max(0.0, due - self.clock())
 
     def _tick(self, now: float) -> None:
-        if self.file_waits.deadlines:
-            for uid in self.file_waits.overdue(now):
-                self.responder.accounts.give_up(uid)
-                self._files_came(uid)
-        if self.forwards.deadlines:
-            self.forwards.expire(now, self.config.forward.timeout)
+        self.answering.tick(now)
         heap = self.deadlines.heap
         for conn in self.deadlines.due(now) if heap and heap[0][0] <= now else ():
             if conn not in self.sessions:
                 continue
             if conn.retry_at is not None:
                 conn.retry_at = None
-                self._continue(conn, self._retry)
+                self._continue(conn, self.answering.retry)
                 continue
             if conn.session.phase is CLOSED:
                 self._close(conn)  # its last replies could not be sent in time
@@ -217,7 +206,7 @@ class Server:
         now = self.clock()
         self.admission.update(config.limits, config.access)
         if config.forward.timeout < self.config.forward.timeout:
-            self.forwards.shorten(now + config.forward.timeout)
+            self.answering.shorten(now + config.forward.timeout)
         self.config = config
         self.responder.config = config
         self.rules = rules = rules_from(config.limits, config.reply)
@@ -230,6 +219,16 @@ class Server:
     def _open_connections(self) -> int:
         """Client connections served now; those held only to be refused do not count."""
         return self.admission.within
+
+    @property
+    def connections(self) -> int:
+        """Client connections open now, those held only to be refused included."""
+        return len(self.sessions)
+
+    @property
+    def forwards_under_way(self) -> int:
+        """Queries waiting for another ident server's answer."""
+        return len(self.answering.forwards)
 
     def render_metrics(self) -> str:
         return self.metrics.render(self._open_connections())
@@ -362,7 +361,7 @@ class Server:
                 if conn.ticket.once:
                     self.unasked.pop(conn, None)
                 conn.asking = action
-                self._resolve(conn)
+                self.answering.resolve(conn)
                 now = self.clock()
             elif type(action) is Close:
                 if action.record.kind not in _SILENT:
@@ -426,93 +425,15 @@ class Server:
         if not clients:
             del self.by_client[conn.ticket.key]
         self.admission.release(conn.ticket)
-        if self.forwards.under_way:
-            self.forwards.drop(conn)
-        if conn.awaiting is not None:
-            self.file_waits.remove(conn.awaiting, conn)
-            conn.awaiting = None
+        self.answering.drop(conn)
         if conn.events:
             self.selector.unregister(conn.sock)
         conn.sock.close()
         if self.acceptor.resume_at is not None:
             self.acceptor.resume()  # paused for want of a file descriptor: one is free now
 
-    # -- answering a query ----------------------------------------------------
-
-    def _resolve(self, conn: Connection) -> None:
-        """Answer the session's Ask: now, or once a forward or the owner's files come
-        (then this runs again)."""
-        ask = conn.asking
-        assert ask is not None
-        query = ask.query
-        ident = ConnectionId(
-            local=Endpoint(conn.local, query.server_port),
-            remote=Endpoint(conn.peer.address, query.client_port),
-        )
-        answer = self.responder.respond(query, ident, self.clock())
-        if answer.pending is not None:
-            conn.awaiting = answer.pending
-            self.file_waits.add(answer.pending, conn, self.clock() + HELPER_TIMEOUT)
-            return
-        if answer.forward is not None:
-            self._forward(conn, query, answer)
-            return
-        if answer.recheck:
-            # No block for this connection in the owner's file: the bouncer may be writing
-            # it right now. Look again for a moment (no client waits when a block matches).
-            now = self.clock()
-            if conn.race_until is None:
-                conn.race_until = now + FILE_RACE_WAIT
-            if now < conn.race_until:
-                conn.fallback = answer
-                conn.retry_at = min(now + FILE_RACE_POLL, conn.race_until)
-                return
-            answer = waited(answer)
-        self._answered(conn, answer)
-
-    def _retry(self, conn: Connection) -> None:
-        """The owner's file is looked at again, or the wait is over."""
-        if conn.asking is None:
-            return
-        assert conn.race_until is not None and conn.fallback is not None
-        if self.clock() >= conn.race_until:
-            self._answered(conn, waited(conn.fallback))
-            return
-        if conn.fallback.owner is not None:
-            self.responder.accounts.read_again(conn.fallback.owner.uid)
-        self._resolve(conn)
-
-    def _answered(self, conn: Connection, answer: Answer) -> None:
-        conn.race_until = conn.fallback = None
-        ask, conn.asking = conn.asking, None
-        assert ask is not None and answer.line is not None
-        conn.session.answer(ask.seq, Outcome(answer.line, answer.rule, answer), self.clock())
-
-    # -- users' files, read by the helper -------------------------------------
-
-    def _on_helper(self, mask: int) -> None:
-        assert self.helper is not None
-        for uid in self.responder.accounts.collect(self.clock()):
-            self._files_came(uid)
-        if self.helper.gone:
-            log.error("the user-file helper has exited; users' files are no longer read")
-            self.selector.unregister(self.helper)
-            for uid in self.file_waits.uids():
-                self.responder.accounts.give_up(uid)
-                self._files_came(uid)
-
-    def _files_came(self, uid: int) -> None:
-        """The files of `uid` came, or will not in time: answer the queries waiting."""
-        try:
-            for conn in self.file_waits.pop(uid):
-                if conn.awaiting is None or conn not in self.sessions:
-                    continue
-                conn.awaiting = None
-                self._continue(conn, self._resolve)
-        finally:
-            self.responder.accounts.settle(uid)
-
     def _continue(self, conn: Connection, step: Callable[[Connection], None]) -> None:
+        """Run `step` (an answer came), then the session's next actions."""
         try:
             step(conn)
             if conn in self.sessions:
@@ -520,25 +441,3 @@ class Server:
         except Exception:
             log.exception("unexpected error serving %s; closing it", conn.peer)
             self._close(conn)
-
-    # -- forwards -------------------------------------------------------------
-
-    def _forward(self, conn: Connection, query: Query, answer: Answer) -> None:
-        deadline = self.clock() + self.config.forward.timeout
-        failure = self.forwards.start(conn, answer, deadline)
-        if failure:
-            self._answered(conn, self.responder.finish_forward(query, answer, None, failure))
-
-    def _forward_done(
-        self, owner: Hashable, answer: Answer, line: bytes | None, failure: str
-    ) -> None:
-        """The forward of `owner` (a connection) has an answer `line`, or failed: reply,
-        then go on."""
-        assert isinstance(owner, Connection) and owner.asking is not None
-        query = owner.asking.query
-        self.metrics.forwards["answered" if line is not None else "failed"] += 1
-
-        def finish(conn: Connection) -> None:
-            self._answered(conn, self.responder.finish_forward(query, answer, line, failure))
-
-        self._continue(owner, finish)

@@ -237,12 +237,12 @@ def test_slow_application_times_out_without_stalling_others(make, apps, caplog) 
     waiting, reply = fixture.ask(b"40001,6667\r\n", turns=10)
     assert reply == b""
     assert fixture.ask(b"1,1\r\n")[1] == b"1,1:ERROR:NO-USER\r\n"  # not stalled
-    assert len(fixture.server.forwards) == 1
+    assert fixture.server.forwards_under_way == 1
     fixture.clock.now += 2
     with caplog.at_level(logging.INFO, logger="procident"):
         assert fixture.pump_until(waiting) == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n"
     assert "no answer in 2s" in caplog.text
-    assert not fixture.server.forwards
+    assert not fixture.server.forwards_under_way
 
 
 def test_replies_stay_in_query_order(make, apps) -> None:
@@ -270,14 +270,14 @@ def test_client_leaving_during_a_forward(make, apps) -> None:
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     client.close()  # RST
     pump(fixture.server, 20)
-    assert not fixture.server.sessions and not fixture.server.forwards
+    assert not fixture.server.connections and not fixture.server.forwards_under_way
     client, _ = fixture.ask(b"40001,6667\r\n", turns=10)
     client.close()  # FIN: indistinguishable from a half-close
     pump(fixture.server, 20)
-    assert len(fixture.server.forwards) == 1
+    assert fixture.server.forwards_under_way == 1
     fixture.clock.now += 2
     pump(fixture.server, 20)
-    assert not fixture.server.sessions and not fixture.server.forwards
+    assert not fixture.server.connections and not fixture.server.forwards_under_way
 
 
 USER_FORWARD = '[[rules]]\nusers = ["alice"]\naction = "real"\nuser_may = {may}\n'
@@ -359,7 +359,7 @@ def test_rate_limit_close(make) -> None:
     client = connect(fixture.server)
     client.send(b"1,1\r\n2,2\r\n")
     data = read_until_closed(fixture.server, client, turns=40)
-    assert data == b"1,1:ERROR:NO-USER\r\n" and not fixture.server.sessions
+    assert data == b"1,1:ERROR:NO-USER\r\n" and not fixture.server.connections
 
 
 def test_rate_limit_counts_ipv6_per_64(make) -> None:
@@ -377,7 +377,7 @@ def test_access_lists_close_refused_clients(make, caplog) -> None:
     fixture = make('[access]\ndeny = ["127.0.0.0/8"]\n')
     with caplog.at_level(logging.INFO, logger="procident"):
         client, reply = fixture.ask(b"1,1\r\n", turns=5)
-    assert reply is None and not fixture.server.sessions
+    assert reply is None and not fixture.server.connections
     assert "refused 1 connection(s) from clients the [access] lists refuse" in caplog.text
     allowed = make('[access]\nallow = ["127.0.0.0/8"]\n')
     assert allowed.ask(b"1,1\r\n")[1] == b"1,1:ERROR:NO-USER\r\n"
@@ -406,13 +406,13 @@ def test_connections_over_a_cap_are_bounded(make) -> None:
     server = fixture.server
     clients = [connect(server) for _ in range(MAX_OVERFLOW + 11)]
     pump(server, 10)
-    assert server.admission.overflow == MAX_OVERFLOW and len(server.sessions) == MAX_OVERFLOW + 1
+    assert server.admission.overflow == MAX_OVERFLOW and server.connections == MAX_OVERFLOW + 1
     closed = sum(received(c) is None for c in clients)
     assert closed == 10
     for client in clients:
         client.close()
     pump(server, 10)
-    assert server.admission.overflow == 0 and not server.sessions
+    assert server.admission.overflow == 0 and not server.connections
     assert not server.admission.per_client
 
 
@@ -438,7 +438,7 @@ def test_min_response_time_holds_replies_in_order(make) -> None:
     other.close()  # leaves while its reply is held: nothing breaks
     fixture.clock.now += 2
     pump(fixture.server, 5)
-    assert not fixture.server.sessions
+    assert not fixture.server.connections
 
 
 def test_reload_shortens_a_forward_under_way(make, apps) -> None:

@@ -138,7 +138,7 @@ def test_idle_deadline_and_restart(server_factory) -> None:
     clock.now += 15  # 65 s after connecting, 15 s after busy's reply
     pump(server)
     assert received(quiet) is None
-    assert received(busy) == b"" and len(server.sessions) == 1
+    assert received(busy) == b"" and server.connections == 1
 
 
 def test_reload_with_shorter_timeout_keeps_deadlines_in_order(server_factory) -> None:
@@ -153,7 +153,7 @@ def test_reload_with_shorter_timeout_keeps_deadlines_in_order(server_factory) ->
     clock.now += 10.5  # new: 10.5 s old, past 10; old: capped at reload + 10
     pump(server)
     assert received(new) is None and received(old) is None
-    assert not server.sessions
+    assert not server.connections
 
 
 def test_reload_with_longer_timeout_applies_to_later_replies(server_factory) -> None:
@@ -208,7 +208,7 @@ def test_partial_line_at_half_close_gets_no_reply(server_factory) -> None:
     pump(server)
     assert received(client) == b"1,1:ERROR:NO-USER\r\n"
     pump(server)
-    assert not server.sessions
+    assert not server.connections
 
 
 def test_ipv6_listener_is_v6only() -> None:
@@ -254,10 +254,10 @@ def test_fd_exhaustion_on_two_listeners_at_once(server_factory, caplog) -> None:
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert caplog.text.count("cannot accept: Too many open files") == 1
-    assert not server.sessions and server.acceptor.resume_at is not None
+    assert not server.connections and server.acceptor.resume_at is not None
     clock.now += 1
     pump(server)
-    assert len(server.sessions) == 2
+    assert server.connections == 2
     for client in clients:
         client.close()
 
