@@ -19,7 +19,7 @@ import tomllib
 from conftest import DictBackend
 from test_server import Clock, connect, pump, read_until_closed, received
 
-from procident.config import Config, parse_config
+from procident.config import Config, LimitsConfig, parse_config
 from procident.lookup import ConnectionId, Endpoint, SocketEntry, TcpState
 from procident.responder import Responder
 from procident.server import Server, open_listeners
@@ -362,14 +362,19 @@ def test_rate_limit_close(make) -> None:
     assert data == b"1,1:ERROR:NO-USER\r\n" and not fixture.server.connections
 
 
-def test_rate_limit_counts_ipv6_per_64(make) -> None:
-    """Clients in one IPv6 /64 share one bucket (the same key as the connection cap)."""
-    from procident.server import client_key
+def test_rate_limit_counts_ipv6_per_64() -> None:
+    """Clients in one IPv6 /64 share one bucket (the same key as the connection cap); the
+    next /64 has its own."""
+    from procident.admission import Admission, Ticket
 
-    a, b = ipaddress.IPv6Address("2001:db8::1"), ipaddress.IPv6Address("2001:db8::ffff:2")
-    fixture = make("[limits]\nper_client_rate = 1\nper_client_burst = 1\n")
-    limiter = fixture.server.admission.limiter
-    assert limiter.allow(client_key(a), 0.0) and not limiter.allow(client_key(b), 0.0)
+    admission = Admission(LimitsConfig(per_client_rate=1, per_client_burst=1))
+    tickets = [
+        admission.admit(ipaddress.IPv6Address(text))
+        for text in ("2001:db8::1", "2001:db8::ffff:2", "2001:db8:0:1::1")
+    ]
+    assert all(isinstance(ticket, Ticket) for ticket in tickets)
+    allowed = [admission.allow(ticket, 0.0) for ticket in tickets]  # type: ignore[arg-type]
+    assert allowed == [True, False, True]
 
 
 def test_access_lists_close_refused_clients(make, caplog) -> None:
@@ -384,17 +389,16 @@ def test_access_lists_close_refused_clients(make, caplog) -> None:
 
 
 def test_reload_keeps_the_rate_table_unless_limits_change(make) -> None:
-    """A reload with the same limits keeps each client's bucket; new limits start afresh."""
+    """A reload with the same limits keeps each client's bucket (an empty one stays empty:
+    the clock does not move here); new limits start afresh."""
     fixture = make("[limits]\nper_client_rate = 1\nper_client_burst = 1\n")
-    limiter = fixture.server.admission.limiter
+    over = b"1,1:ERROR:UNKNOWN-ERROR\r\n"
+    assert fixture.ask(b"1,1\r\n")[1] == b"1,1:ERROR:NO-USER\r\n"
+    assert fixture.ask(b"1,1\r\n")[1] == over
     fixture.server.apply(fixture.config)
-    assert fixture.server.admission.limiter is limiter
-    changed = parse_config(tomllib.loads("[limits]\nper_client_rate = 2\n"))
-    fixture.server.apply(changed)
-    assert (
-        fixture.server.admission.limiter is not limiter
-        and fixture.server.admission.limiter.rate == 2
-    )
+    assert fixture.ask(b"1,1\r\n")[1] == over
+    fixture.server.apply(parse_config(tomllib.loads("[limits]\nper_client_rate = 2\n")))
+    assert fixture.ask(b"1,1\r\n")[1] == b"1,1:ERROR:NO-USER\r\n"
 
 
 def test_connections_over_a_cap_are_bounded(make) -> None:
@@ -406,14 +410,14 @@ def test_connections_over_a_cap_are_bounded(make) -> None:
     server = fixture.server
     clients = [connect(server) for _ in range(MAX_OVERFLOW + 11)]
     pump(server, 10)
-    assert server.admission.overflow == MAX_OVERFLOW and server.connections == MAX_OVERFLOW + 1
+    assert server.connections == MAX_OVERFLOW + 1
     closed = sum(received(c) is None for c in clients)
     assert closed == 10
     for client in clients:
         client.close()
     pump(server, 10)
-    assert server.admission.overflow == 0 and not server.connections
-    assert not server.admission.per_client
+    assert not server.connections
+    assert fixture.ask(b"1,1\r\n")[1] == b"1,1:ERROR:NO-USER\r\n"  # within the cap again
 
 
 def test_min_response_time_holds_replies_in_order(make) -> None:
