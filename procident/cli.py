@@ -187,7 +187,10 @@ def serve(
             check_pid_file(pid_file)  # before anything is bound or written
         except PidFileError as err:
             raise click.ClickException(f"--pid-file {pid_file}: {err}") from None
-    setup_logging(config.log)
+    # A log sink that cannot be opened must not stop the answers (a container or a
+    # tcpserver host without /dev/log): standard error instead, or no log in inetd mode
+    # when standard error is the client's connection.
+    logsetup.setup_logging_or_fall_back(config.log, 0 if inetd else None)
     source = config_file(config_path) or "built-in defaults"
     log.info("configuration: %s", source)
     raise_file_limit(config)

@@ -9,9 +9,11 @@ import errno
 import json
 import logging
 import logging.handlers
+import os
 import re
 import socket
 import sys
+from dataclasses import replace
 from typing import Any
 
 from procident.config import LogConfig
@@ -98,6 +100,41 @@ def setup_logging(config: LogConfig) -> None:
     log.addHandler(handler)
     log.setLevel(config.level.upper())
     log.propagate = False
+
+
+def setup_logging_or_fall_back(config: LogConfig, client_fd: int | None = None) -> str:
+    """setup_logging, but a log sink that cannot be opened never stops the answers: the
+    log goes to standard error instead, or, where standard error is the client's own
+    connection (`client_fd`: inetd mode), nowhere. What happened, for the caller to say
+    where it can ("" when the configured sink works)."""
+    try:
+        setup_logging(config)
+        return ""
+    except LogSetupError as err:
+        problem = str(err)
+    if _is_the_client(client_fd):
+        for old in list(log.handlers):
+            log.removeHandler(old)
+            old.close()
+        log.addHandler(logging.NullHandler())  # a log line must never reach the client
+        log.propagate = False
+        return f"{problem}; not logging (standard error is the client's connection)"
+    setup_logging(replace(config, target="stderr"))
+    log.warning("%s; logging to standard error instead", problem)
+    return f"{problem}; logging to standard error"
+
+
+def _is_the_client(client_fd: int | None) -> bool:
+    """Whether standard error is closed, or is the very socket `client_fd` is (classic
+    inetd passes the connection as 0, 1 and 2; systemd's Accept=yes passes the journal
+    as 2, which is fine to log to)."""
+    if client_fd is None:
+        return False
+    try:
+        err, client = os.fstat(2), os.fstat(client_fd)
+    except OSError:
+        return True  # no standard error at all
+    return (err.st_dev, err.st_ino) == (client.st_dev, client.st_ino)
 
 
 def _probe_syslog(path: str) -> None:

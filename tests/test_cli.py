@@ -339,10 +339,13 @@ def test_serve_daemon_mode_with_pid_file_and_syslog(workdir: Path) -> None:
         syslog.close()
 
 
-def test_serve_syslog_unavailable(tmp_path: Path) -> None:
-    """Logging to a syslog socket that is not there is a clear start-up error."""
-    path = tmp_path / "c.toml"
-    path.write_text(f'[log]\ntarget = "syslog"\nsyslog_socket = "{tmp_path}/nolog"\n')
-    result = run("serve", "--config", str(path), "--listen", "127.0.0.1:0")
-    assert result.returncode == 1
-    assert f"cannot log to syslog at {tmp_path}/nolog: No such file or directory" in result.stderr
+def test_serve_syslog_unavailable_still_answers(start_daemon, workdir: Path) -> None:
+    """A syslog socket that is not there does not stop the answers: the log goes to
+    standard error instead, and says why once."""
+    daemon = start_daemon(f'[log]\ntarget = "syslog"\nsyslog_socket = "{workdir}/nolog"\n')
+    assert daemon.ask(b"1,1\r\n") == b"1,1:ERROR:NO-USER\r\n"
+    daemon.wait_log(
+        rf"cannot log to syslog at {workdir}/nolog: No such file or directory; "
+        "logging to standard error instead"
+    )
+    daemon.wait_log(r"answer client=127.0.0.1 query=1,1 ")  # the log goes on, there

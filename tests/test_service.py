@@ -175,6 +175,50 @@ def test_inetd_with_tcpserver_environment(config: Path) -> None:
     assert b"idle for 1s" in err and time.monotonic() - started < IO_TIMEOUT
 
 
+def test_inetd_without_syslog_still_answers(spawn, config: Path, workdir: Path) -> None:
+    """inetd mode logs to syslog by default; where there is no /dev/log (a container, a
+    tcpserver host) it answers all the same, logging to standard error (here socat's
+    log file: not the client's connection) and saying why."""
+    socat = need("socat")
+    port = free_port()
+    config.write_text(f'[log]\nsyslog_socket = "{workdir}/nolog"\n')
+    command = " ".join([*PROCIDENT, "serve", "--inetd", "-c", str(config)])
+    _, log = spawn([socat, f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", f"EXEC:{command}"])
+    with owned_connection(1, ("127.0.0.1", 0), "127.0.0.1") as conn:
+        reply = ask(port, conn.query)
+    assert reply == b"%d,%d:USERID:UNIX:daemon\r\n" % (conn.local[1], conn.remote[1])
+    wait_for(lambda: "logging to standard error instead" in log.read_text(), IO_TIMEOUT)
+    assert f"cannot log to syslog at {workdir}/nolog" in log.read_text()
+
+
+def test_inetd_never_logs_into_the_clients_connection(config: Path, workdir: Path) -> None:
+    """Classic inetd passes the connection as standard input, output and error: with no
+    syslog there, nothing is logged at all, and the client gets only its answer."""
+    config.write_text(f'[log]\nsyslog_socket = "{workdir}/nolog"\n')
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, owned_connection(1, ("127.0.0.1", 0), "127.0.0.1") as conn:
+        client = socket.create_connection(listener.getsockname(), timeout=IO_TIMEOUT)
+        served, _ = listener.accept()
+        with client, served:
+            process = subprocess.Popen(
+                [*PROCIDENT, "serve", "--inetd", "--log-level", "debug", "-c", str(config)],
+                stdin=served.fileno(),
+                stdout=served.fileno(),
+                stderr=served.fileno(),
+            )
+            served.close()
+            # The query names the connection as seen from this socket's two ends.
+            query = b"%d,%d\r\n" % (conn.local[1], conn.remote[1])
+            client.sendall(query)
+            client.shutdown(socket.SHUT_WR)
+            received = b""
+            while chunk := client.recv(4096):
+                received += chunk
+            assert process.wait(IO_TIMEOUT) == 0
+    assert received.endswith(b"\r\n") and received.count(b"\n") == 1, received
+    assert received.startswith(query.rstrip()) and b"syslog" not in received
+
+
 def test_inetd_refuses_without_addresses(config: Path) -> None:
     """Not a TCP connection and no variables saying whose it is: a clear error, exit 1."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TCP", "SOCAT_"))}
