@@ -158,6 +158,11 @@ def add_key(path: str) -> int:
     except TokenError:
         if os.path.lexists(path):
             raise
+        directory = os.path.dirname(path)
+        if directory and not os.path.lexists(directory):
+            # A fresh host has no /var/lib/procident yet: made for the key, root's only
+            # (its parent must exist: nothing more is made).
+            os.mkdir(directory, 0o700)
         fd = os.open(
             path,
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,

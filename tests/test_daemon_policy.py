@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -239,6 +240,32 @@ def test_token_commands_refuse_bad_input(workdir: Path) -> None:
     result = CliRunner().invoke(main, ["serve", "-c", str(config), "-l", "127.0.0.1:0"])
     assert result.exit_code == 1
     assert "tokens.key_file: " in result.output and "procident token-key" in result.output
+
+
+def test_token_key_on_a_fresh_host_makes_the_keys_directory(workdir: Path) -> None:
+    """On a fresh host /var/lib/procident does not exist: token-key makes it (0700) and
+    the key file in it (0600); a missing directory further up is not made."""
+    fresh = workdir / "var-lib-procident"
+    key_file = fresh / "token.key"
+    result = subprocess.run(
+        [sys.executable, "-m", "procident", "token-key", str(key_file)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "added key 1" in result.stdout
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    deeper = workdir / "a" / "b" / "token.key"
+    result = subprocess.run(
+        [sys.executable, "-m", "procident", "token-key", str(deeper)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1 and "No such file or directory" in result.stderr
+    assert not (workdir / "a").exists()
 
 
 def test_reload_cannot_add_what_needs_root(start_daemon) -> None:
