@@ -121,8 +121,16 @@ def write_textfile(path: str, text: str) -> None:
     """Write `text` to `path` atomically (a temporary file in the same directory, renamed),
     so node_exporter never reads half a file."""
     temporary = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    # The directory may be shared (node_exporter's): whatever sits at the temporary name,
+    # a link planted there included, is removed, never followed or written through.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temporary, flags, 0o644)
     try:
+        # Readable by node_exporter's account whatever the umask (systemd's UMask=0077):
+        # counts only, nothing secret.
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w") as file:
             file.write(text)
         os.replace(temporary, path)

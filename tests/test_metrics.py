@@ -4,9 +4,11 @@ textfile, and summarised on SIGUSR1."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import signal
 import socket
+import stat
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -197,3 +199,24 @@ def test_open_connections_gauge(make) -> None:
         client.close()
     pump(fixture.server, 5)
     assert sample(fixture.server.render_metrics(), "procident_open_connections") == 0
+
+
+def test_textfile_is_world_readable_and_never_written_through_a_link(tmp_path: Path) -> None:
+    """In node_exporter's directory (shared, and under systemd's UMask=0077) the textfile
+    comes out 0644, for node_exporter's account to read; a link planted at its temporary
+    name is replaced, and the file it points to is left alone."""
+    from procident.metrics import write_textfile
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    path = tmp_path / "procident.prom"
+    (tmp_path / f"procident.prom.{os.getpid()}.tmp").symlink_to(victim)
+    old = os.umask(0o077)
+    try:
+        write_textfile(str(path), "procident_up 1\n")
+    finally:
+        os.umask(old)
+    assert victim.read_text() == "precious\n"
+    assert path.read_text() == "procident_up 1\n" and not path.is_symlink()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["procident.prom", "victim"]
