@@ -8,7 +8,7 @@ refused, with a suggestion when one is close.
 from __future__ import annotations
 
 import logging.handlers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -271,16 +271,25 @@ _NAT_MAP_KEYS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _nat_map(value: object) -> tuple[NatMapEntry, ...]:
-    """[[nat.map]] entries; a ValueError starts with the entry's index and key."""
+def _tables(
+    value: object, keys: dict[str, Callable[[Any], Any]], kind: str, needs: str, example: str
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The tables of an array of tables [[kind]], each checked against `keys` and required
+    to have a non-empty `needs`: (its index as "[i]", its values)."""
     if not isinstance(value, list):
-        raise ValueError("must be an array of tables [[nat.map]]")
-    entries: list[NatMapEntry] = []
+        raise ValueError(f"must be an array of tables [[{kind}]]")
     for index, table in enumerate(value):
         where = f"[{index}]"
-        values = _checked_table(table, _NAT_MAP_KEYS, where, "[[nat.map]]")
-        if not values.get("hosts"):
-            raise ValueError(f'{where}: needs hosts, a list such as ["192.168.1.0/24"]')
+        values = _checked_table(table, keys, where, f"[[{kind}]]")
+        if not values.get(needs):
+            raise ValueError(f'{where}: needs {needs}, a list such as ["{example}"]')
+        yield where, values
+
+
+def _nat_map(value: object) -> tuple[NatMapEntry, ...]:
+    """[[nat.map]] entries; a ValueError starts with the entry's index and key."""
+    entries: list[NatMapEntry] = []
+    for where, values in _tables(value, _NAT_MAP_KEYS, "nat.map", "hosts", "192.168.1.0/24"):
         action = values.setdefault("action", "reply")
         replies = values.get("reply", ())
         if action == "reply" and not 1 <= len(replies) <= MAX_REPLIES:
@@ -305,14 +314,9 @@ _NETWORK_KEYS: dict[str, Callable[[Any], Any]] = {
 
 def _limit_networks(value: object) -> tuple[NetworkLimits, ...]:
     """[[limits.networks]] entries; a ValueError starts with the entry's index and key."""
-    if not isinstance(value, list):
-        raise ValueError("must be an array of tables [[limits.networks]]")
     entries: list[NetworkLimits] = []
-    for index, table in enumerate(value):
-        where = f"[{index}]"
-        values = _checked_table(table, _NETWORK_KEYS, where, "[[limits.networks]]")
-        if not values.get("clients"):
-            raise ValueError(f'{where}: needs clients, a list such as ["203.0.113.0/24"]')
+    tables = _tables(value, _NETWORK_KEYS, "limits.networks", "clients", "203.0.113.0/24")
+    for where, values in tables:
         if len(values) - ("name" in values) == 1:
             raise ValueError(
                 f"{where}: sets no limit (per_client_connections, per_client_rate or "
