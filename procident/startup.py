@@ -20,7 +20,7 @@ import resource
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from procident import __version__
 from procident.accounts import Accounts, FileReader
@@ -182,8 +182,6 @@ class Opened:
     conntrack: ConntrackTable | None = None
     helper: HomeHelper | None = None
     read_files: FileReader | None = None  # how a query reads a user's files, if it may
-    listeners: list[socket.socket] = field(default_factory=list)
-    metrics_listener: socket.socket | None = None
 
     @property
     def reads_user_files(self) -> bool:
