@@ -98,7 +98,8 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     command = root / "usr/local/bin/procident"
     command.write_text('#!/bin/sh\nPYTHONPATH=/opt/procident exec python3 -m procident "$@"\n')
     command.chmod(0o755)
-    shutil.copy(REPO / "etc/systemd/procident.service", root / "etc/systemd/system/")
+    for unit in ("procident.service", "procident.socket", "procident-activated.service"):
+        shutil.copy(REPO / "etc/systemd" / unit, root / "etc/systemd/system/")
     subprocess.run(
         ["chroot", str(root), "useradd", "--system", "--user-group", "--no-create-home"]
         + ["--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", "procident"],
@@ -193,3 +194,34 @@ def test_the_journal_has_no_errors_denials_or_sigsys(container: Container) -> No
     for bad in ("Traceback", "SIGSYS", "Permission denied", "Read-only file system", "failed"):
         assert bad not in journal, journal
     assert container.run("systemctl is-failed procident").stdout.strip() != "failed"
+
+
+# Ask about a connection root holds inside the container (made and asked about in one
+# shell: its holder lives as long as the query takes).
+ASK_ABOUT_ROOTS = (
+    "python3 -c 'import socket, time\n"
+    'l = socket.create_server(("127.0.0.1", 0)); c = socket.create_connection(l.getsockname())\n'
+    "print(c.getsockname()[1], l.getsockname()[1], flush=True); time.sleep(20)' > /run/ports & "
+    "for i in $(seq 100); do test -s /run/ports && break; sleep 0.05; done; "
+    "procident query 127.0.0.1 $(cat /run/ports); kill $!"
+)
+
+
+def test_root_is_hidden_and_socket_activation_never_runs_as_root(container: Container) -> None:
+    """root's own connection is answered HIDDEN-USER by procident.service; then with
+    procident.socket instead, the first query starts procident-activated.service as a
+    dynamic user (never root), which answers the same."""
+    container.run("printf '' > /etc/procident.toml; systemctl restart procident")  # defaults
+    assert "error:   HIDDEN-USER" in container.run(ASK_ABOUT_ROOTS).stdout
+    container.run("systemctl stop procident")
+    started = container.run(
+        "systemctl start procident.socket && systemctl is-active procident.socket"
+    )
+    assert started.stdout.strip() == "active", started.stderr
+    reply = container.run(ASK_ABOUT_ROOTS).stdout
+    assert "error:   HIDDEN-USER" in reply, reply
+    active = container.run("systemctl is-active procident-activated.service").stdout.strip()
+    assert active == "active"
+    uids = container.run("ps -o uid= -C python3").stdout.split()
+    assert uids and "0" not in uids, uids
+    container.run("systemctl stop procident.socket procident-activated.service")
