@@ -176,7 +176,7 @@ class Server:
             if signum == signal.SIGHUP:
                 self._reload()
             elif signum == signal.SIGUSR1:
-                log.info("%s", self.metrics.summary(self._open_connections()))
+                log.info("%s", self.metrics.summary(self.admission.within))
             else:
                 log.info("stopping on %s", signal.Signals(signum).name)
                 self.running = False
@@ -212,13 +212,9 @@ class Server:
         self.rules = rules = rules_from(config.limits, config.reply)
         for conn in self.sessions:
             conn.session.update_rules(rules, now)
-            self._schedule(conn)
+            self.deadlines.schedule(conn, self.sessions)
 
     # -- metrics --------------------------------------------------------------
-
-    def _open_connections(self) -> int:
-        """Client connections served now; those held only to be refused do not count."""
-        return self.admission.within
 
     @property
     def connections(self) -> int:
@@ -230,8 +226,24 @@ class Server:
         """Queries waiting for another ident server's answer."""
         return len(self.answering.forwards)
 
+    @property
+    def unsent(self) -> int:
+        """Reply bytes the kernel has not taken yet, over every connection."""
+        return sum(len(conn.output) for conn in self.sessions)
+
+    @property
+    def accepting(self) -> bool:
+        """False while accepting is paused for want of a file descriptor."""
+        return self.acceptor.resume_at is None
+
+    @property
+    def nat_asking(self) -> int:
+        """Inner connections being asked about by NAT forwards (the loop guard's table)."""
+        return len(self.answering.forwards.nat_asking)
+
     def render_metrics(self) -> str:
-        return self.metrics.render(self._open_connections())
+        # (open connections: those held only to be refused do not count)
+        return self.metrics.render(self.admission.within)
 
     # -- accepting ------------------------------------------------------------
 
@@ -403,9 +415,6 @@ class Server:
             heapq.heappush(deadlines.heap, (deadline, deadlines.pushed, conn))
             if len(deadlines.heap) > 4 * len(sessions) + 64:
                 deadlines.compact(sessions)
-
-    def _schedule(self, conn: Connection) -> None:
-        self.deadlines.schedule(conn, self.sessions)
 
     def _sink(self, conn: Connection, record: Record) -> None:
         record_answer(log, conn.peer, record, self.config.log.user_names, self.metrics)
