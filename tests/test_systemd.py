@@ -8,6 +8,7 @@ boots a copy-on-write overlay of it (--volatile=overlay) and stops it by its PID
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -70,6 +71,31 @@ class Container:
         )
 
 
+def _cgroups_of_its_own() -> list[Path]:
+    """A cgroup for the container's nspawn, made here and removed afterwards. On a host
+    with mixed cgroup v1 and v2 (name=systemd beside the unified hierarchy), nspawn puts
+    its payload and supervisor below its unified cgroup and at the same path in the
+    name=systemd one, which must exist already: both are made."""
+    name = f"procident-test-{os.getpid()}"
+    base = Path("/sys/fs/cgroup")
+    if (base / "cgroup.procs").exists() and (base / "cgroup.controllers").exists():
+        made = [base / name]  # cgroup v2 only
+    else:
+        made = [p / name for p in (base / "unified", base / "systemd") if p.is_dir()]
+    for path in made:
+        path.mkdir(exist_ok=True)
+        if path.parent.name == "systemd":
+            for part in ("payload", "supervisor"):
+                (path / part).mkdir(exist_ok=True)
+    return made
+
+
+def _enter(cgroups: list[Path]) -> None:
+    """In nspawn's process, before exec: into its own cgroups."""
+    for path in cgroups:
+        (path / "cgroup.procs").write_text(str(os.getpid()))
+
+
 def _init_of(nspawn: int) -> int | None:
     """The container's systemd: the process named systemd below nspawn."""
     for child in Path(f"/proc/{nspawn}/task/{nspawn}/children").read_text().split():
@@ -111,6 +137,7 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     (root / "etc/procident.toml").write_text(
         '[metrics]\ntextfile = "/var/lib/prometheus/node-exporter/procident.prom"\ninterval = 1\n'
     )
+    cgroups = _cgroups_of_its_own()
     log = top / "console.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -119,17 +146,23 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
+            preexec_fn=lambda: _enter(cgroups),
         )
     try:
-        init = wait_for(lambda: process.poll() is None and _init_of(process.pid), BOOT_TIMEOUT)
-        booted = Container(process, init, log)
-        wait_for(
-            lambda: (
-                booted.run("systemctl is-system-running").stdout.strip() in ("running", "degraded")
-            ),
-            BOOT_TIMEOUT,
-            interval=0.5,
-        )
+        try:
+            init = wait_for(lambda: process.poll() is None and _init_of(process.pid), BOOT_TIMEOUT)
+            booted = Container(process, init, log)
+            wait_for(
+                lambda: (
+                    booted.run("systemctl is-system-running").stdout.strip()
+                    in ("running", "degraded")
+                ),
+                BOOT_TIMEOUT,
+                interval=0.5,
+            )
+        except AssertionError as err:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise AssertionError(f"the container did not boot: {err}\n{tail}") from None
         yield booted
     finally:
         if process.poll() is None:
@@ -140,6 +173,10 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
                 process.kill()
                 process.wait()
         shutil.rmtree(top, ignore_errors=True)
+        for cgroup in cgroups:  # the deepest first: rmdir removes an empty cgroup only
+            for path in sorted(cgroup.glob("**/"), key=lambda p: -len(p.parts)):
+                with contextlib.suppress(OSError):
+                    path.rmdir()
 
 
 def _query(container: Container, host: str) -> str:
