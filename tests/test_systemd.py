@@ -97,7 +97,15 @@ def _enter(cgroups: list[Path]) -> None:
 
 
 def _init_of(nspawn: int) -> int | None:
-    """The container's systemd: the process named systemd below nspawn."""
+    """The container's systemd: the process named systemd below nspawn (None until then,
+    or while the processes read come and go)."""
+    try:
+        return _find_init(nspawn)
+    except OSError:
+        return None
+
+
+def _find_init(nspawn: int) -> int | None:
     for child in Path(f"/proc/{nspawn}/task/{nspawn}/children").read_text().split():
         for grandchild in Path(f"/proc/{child}/task/{child}/children").read_text().split():
             if Path(f"/proc/{grandchild}/comm").read_text().strip() == "systemd":
