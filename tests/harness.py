@@ -258,3 +258,18 @@ def ask_owned(daemon, uid: int = USER_UID, service=("127.0.0.1", 0)) -> tuple[by
     with owned_connection(uid, service, "127.0.0.1") as conn:
         reply = daemon.ask(conn.query)
     return reply, b"%d,%d:" % (conn.local[1], conn.remote[1])
+
+
+def need(tool: str) -> str:
+    """The path of `tool`; a skip when it is missing, a failure under CI (.ci/run should
+    have installed it)."""
+    import shutil
+
+    import pytest
+
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{tool} is not installed; .ci/run should install it")
+        pytest.skip(f"{tool} is not installed")
+    return path

@@ -25,6 +25,8 @@ from procident.cli import main
 pytestmark = requires_root
 
 SERVICE4 = ("127.0.0.1", 0)
+# A bouncer's account: its own files choose the ident (user_may).
+BOUNCER_RULE = '[[rules]]\nusers = ["pidtest"]\naction = "real"\nuser_may = ["spoof"]\n'
 
 
 def test_hide(start_daemon, accounts) -> None:
@@ -96,7 +98,7 @@ def test_planted_link_is_not_followed(start_daemon, accounts, home: Path) -> Non
     (home / ".oidentd.conf").symlink_to(target)
     os.lchown(home / ".oidentd.conf", USER_UID, USER_UID)
     daemon = start_daemon(
-        '[[rules]]\nusers = ["pidtest"]\naction = "real"\nuser_may = ["spoof"]\n',
+        BOUNCER_RULE,
         preexec_fn=accounts,
     )
     reply, head = ask_owned(daemon)
@@ -111,8 +113,7 @@ def test_znc_style_user_file(start_daemon, accounts, home: Path) -> None:
     conf.write_text('global { reply "zncuser" }\n')
     os.chown(conf, USER_UID, USER_UID)
     daemon = start_daemon(
-        '[[rules]]\nusers = ["pidtest"]\naction = "real"\nuser_may = ["spoof"]\n'
-        "[users]\ncache_seconds = 0\n",
+        BOUNCER_RULE + "[users]\ncache_seconds = 0\n",
         preexec_fn=accounts,
     )
     reply, head = ask_owned(daemon)
@@ -181,7 +182,7 @@ def test_check_config_user(accounts, home: Path, workdir: Path) -> None:
     """check-config --user shows each file's state and the choices read; a broken or unsafe
     file is a problem (exit 1), with the reason."""
     config = workdir / "c.toml"
-    config.write_text('[[rules]]\nusers = ["pidtest"]\naction = "real"\nuser_may = ["spoof"]\n')
+    config.write_text(BOUNCER_RULE)
     conf = home / ".oidentd.conf"
     conf.write_text('global { reply "zncuser" }\nlport 40000:40100 { hide }\n')
     os.chown(conf, USER_UID, USER_UID)
@@ -347,7 +348,7 @@ def test_a_file_rewritten_for_each_connection_gives_each_its_own_ident(
     query right after a rewrite gets the ident written for it, never the one before
     (with the old 10 s cache the second and third got the first's)."""
     daemon = start_daemon(
-        '[[rules]]\nusers = ["pidtest"]\naction = "real"\nuser_may = ["spoof"]\n',
+        BOUNCER_RULE,
         preexec_fn=accounts,
     )
     conf = home / ".oidentd.conf"
@@ -366,7 +367,7 @@ def test_the_log_tells_no_file_from_no_block(start_daemon, accounts, home: Path)
     """Where a rule lets the owner choose, the answer line says why the rule's own answer
     was sent: no user file at all, or a file with no block for this connection."""
     daemon = start_daemon(
-        '[[rules]]\nusers = ["pidtest"]\naction = "real"\nuser_may = ["spoof"]\n',
+        BOUNCER_RULE,
         preexec_fn=accounts,
     )
     reply, head = ask_owned(daemon)

@@ -15,19 +15,10 @@ from pathlib import Path
 
 import pytest
 from conftest import requires_root
-from harness import IO_TIMEOUT, owned_connection, proc_status, read_all, wait_for
+from harness import IO_TIMEOUT, need, owned_connection, proc_status, read_all, wait_for
 
 pytestmark = requires_root
 PROCIDENT = [sys.executable, "-m", "procident"]
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} is not installed; .ci/run should install it")
-        pytest.skip(f"{tool} is not installed")
-    return path
 
 
 def free_port() -> int:

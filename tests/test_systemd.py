@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import requires_root
-from harness import wait_for
+from harness import need, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = "systemd,systemd-sysv,dbus,python3,python3-click,procps"
@@ -27,21 +27,12 @@ BOOT_TIMEOUT = 90.0
 pytestmark = requires_root
 
 
-def _need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} is not installed; .ci/run should install it")
-        pytest.skip(f"{tool} is not installed")
-    return path
-
-
 def _root_tarball() -> Path:
     """Debian 12 with systemd and python3-click, built once (mmdebstrap) and cached."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "procident-test"
     tarball = cache / "bookworm-systemd.tar"
     if not tarball.exists():
-        mmdebstrap = _need("mmdebstrap")
+        mmdebstrap = need("mmdebstrap")
         cache.mkdir(parents=True, exist_ok=True)
         partial = cache / "bookworm-systemd.partial.tar"  # mmdebstrap: a tar by its name
         subprocess.run(
@@ -117,8 +108,8 @@ def _find_init(nspawn: int) -> int | None:
 
 @pytest.fixture(scope="module")
 def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
-    nspawn = _need("systemd-nspawn")
-    _need("nsenter")
+    nspawn = need("systemd-nspawn")
+    need("nsenter")
     tarball = _root_tarball()
     top = tmp_path_factory.mktemp("systemd")
     root = top / "root"
