@@ -32,7 +32,13 @@ from procident.config import (
     load_config,
 )
 from procident.forward import forward_blocking
-from procident.homes import describe_files, read_home_files, user_files_from
+from procident.homes import (
+    HelperError,
+    describe_files,
+    read_home_files,
+    serve_connected,
+    user_files_from,
+)
 from procident.inetd import InetdError, connection_addresses, serve_connection
 from procident.logsetup import LogSetupError
 from procident.lookup import ConnectionId, Endpoint, normalize_address
@@ -58,6 +64,7 @@ from procident.startup import (
     backend,
     config_file,
     config_loader,
+    daemon_account,
     make_responder,
     open_conntrack,
     open_metrics_listener,
@@ -336,12 +343,11 @@ def lookup(local: Endpoint, remote: Endpoint, config_path: str | None) -> None:
 # -- tokens -------------------------------------------------------------------
 
 
-def _key_file(key_file: str | None, config_path: str | None) -> str:
-    if key_file:
-        return key_file
+def _key_file(key_file: str | None, config_path: str | None) -> tuple[str, int]:
+    """The key file (KEY_FILE, else tokens.key_file) and the daemon's account."""
     with _one_sentence():
         config = config_loader(config_path)()
-    return config.tokens.key_file
+    return key_file or config.tokens.key_file, daemon_account(config)
 
 
 @main.command("token-key")
@@ -351,11 +357,13 @@ def _key_file(key_file: str | None, config_path: str | None) -> str:
 )
 def token_key(key_file: str | None, config_path: str | None) -> None:
     """Add a new key to the token key file (tokens.key_file unless KEY_FILE is given),
-    creating it with mode 0600. New tokens use the newest key once procident restarts;
+    creating it with mode 0600 (owned by server.user where its directory is, as
+    procident.service makes it, else by root). New tokens use the newest key once
+    procident restarts;
     older keys stay in the file, so older tokens can still be decoded."""
-    path = _key_file(key_file, config_path)
+    path, account = _key_file(key_file, config_path)
     try:
-        key_id = add_key(path)
+        key_id = add_key(path, account)
     except TokenError as err:
         raise click.ClickException(str(err)) from None
     except OSError as err:
@@ -374,9 +382,9 @@ def decode_token(token: str, key_file: str | None, config_path: str | None) -> N
 
     Exit 1 when the token was not made with a key in the key file, or was altered.
     """
-    path = _key_file(key_file, config_path)
+    path, account = _key_file(key_file, config_path)
     try:
-        facts = TokenMaker(load_keys(path)).read(token)
+        facts = TokenMaker(load_keys(path, account)).read(token)
     except TokenError as err:
         raise click.ClickException(str(err)) from None
     when = datetime.datetime.fromtimestamp(facts.time, datetime.timezone.utc)
@@ -385,6 +393,25 @@ def decode_token(token: str, key_file: str | None, config_path: str | None) -> N
     click.echo(f"time:       {when.isoformat()}")
     click.echo(f"connection: {facts.conn.local} (this host) <-> {facts.conn.remote} (querier)")
     click.echo(f"key:        {facts.key_id}")
+
+
+# -- helper -------------------------------------------------------------------
+
+
+@main.command()
+def helper() -> None:
+    """Read users' files for a daemon started unprivileged: run as root by
+    procident-helper@.service, with the daemon's connection (procident-helper.socket)
+    as standard input, until the daemon hangs up. Only root and the socket file's owner
+    may ask."""
+    try:
+        sock = socket.socket(fileno=os.dup(0))
+    except OSError:
+        raise click.ClickException("standard input is not a socket") from None
+    try:
+        serve_connected(sock)
+    except HelperError as err:
+        raise click.ClickException(str(err)) from None
 
 
 # -- query --------------------------------------------------------------------

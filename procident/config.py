@@ -163,6 +163,7 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, Callable[[Any], Any]]]] = {
             "oidentd_files": _boolean,
             "max_file_size": _integer(64, 65536),
             "cache_seconds": _integer(0, 3600),
+            "helper_socket": _optional_path,
         },
     ),
     "access": (

@@ -245,12 +245,32 @@ class HomeHelper:
     """The root helper process that reads user files for the unprivileged daemon."""
 
     def __init__(
-        self, reader: Callable[[int, int], dict[str, FileState]] = read_home_files
+        self,
+        reader: Callable[[int, int], dict[str, FileState]] = read_home_files,
+        connect: str = "",
     ) -> None:
+        """Fork the helper; or, with `connect` (a daemon started unprivileged), reach the
+        one systemd runs as root on that socket (procident-helper.socket): `procident
+        helper`, serving this connection with serve_connected."""
+        self.requests = 0
+        # Requests asked from the loop and not answered yet: number -> (uid, when sent).
+        self.outstanding: dict[int, tuple[int, float]] = {}
+        self.gone = False
+        self.pid = 0
+        if connect:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                self.sock.connect(connect)
+            except OSError as err:
+                self.sock.close()
+                raise HelperError(
+                    f"cannot reach the user-file helper at {connect}: {err.strerror}"
+                ) from None
+            _large_buffers(self.sock)
+            return
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for end in (self.sock, child):  # a reply holds up to three files of 64 KiB
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        for end in (self.sock, child):
+            _large_buffers(end)
         self.pid = os.fork()
         if self.pid == 0:  # pragma: no cover - runs in the child
             # Keep nothing of the daemon's but this socket and stderr: no listeners.
@@ -264,10 +284,6 @@ class HomeHelper:
                 code = 1
             os._exit(code)
         child.close()
-        self.requests = 0
-        # Requests asked from the loop and not answered yet: number -> (uid, when sent).
-        self.outstanding: dict[int, tuple[int, float]] = {}
-        self.gone = False
 
     def read(self, uid: int, max_size: int) -> dict[str, FileState]:
         """The states of the files of `uid`; HelperError if the helper fails to answer
@@ -354,8 +370,37 @@ class HomeHelper:
     def close(self) -> None:
         """Stop the helper: it exits when its end of the socket closes."""
         self.sock.close()
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
+        if self.pid:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+
+
+def _large_buffers(sock: socket.socket) -> None:
+    """Room for a reply of up to three files of 64 KiB."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+
+
+_PEER = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def serve_connected(sock: socket.socket) -> None:
+    """`procident helper`: serve the daemon connected on `sock`, as root, until it hangs
+    up. Only root and the owner of the listening socket's file (SocketUser=, the
+    daemon's account) may ask; anyone else is refused (HelperError) before a request."""
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+        raise HelperError("standard input is not a Unix seqpacket socket")
+    pid, uid, _ = _PEER.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER.size))
+    path = sock.getsockname()
+    owner = os.lstat(path).st_uid if isinstance(path, str) and path.startswith("/") else 0
+    if uid not in (0, owner):
+        raise HelperError(
+            f"refused a connection from uid {uid} (pid {pid}): only root and uid {owner}, "
+            f"the owner of {path or 'the socket'}, may ask"
+        )
+    sock.setblocking(True)
+    _large_buffers(sock)
+    _serve_helper(sock, read_home_files)
 
 
 def _serve_helper(

@@ -86,6 +86,16 @@ def keep_only_capabilities(keep: frozenset[int]) -> None:
         raise PrivilegeError(f"cannot limit capabilities: {os.strerror(ctypes.get_errno())}")
 
 
+def held_capabilities() -> int:
+    """This process's permitted capabilities (capget(2)), as one mask: 0 when it holds
+    none (the ambient and effective sets are never larger)."""
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if _libc.capget(ctypes.byref(header), data) != 0:
+        raise PrivilegeError(f"cannot read capabilities: {os.strerror(ctypes.get_errno())}")
+    return int(data[0].permitted) | int(data[1].permitted) << 32
+
+
 def close_inherited_descriptors(keep: frozenset[int] = frozenset()) -> None:
     """Close every descriptor above standard error except `keep` (the sockets systemd
     passed): whatever the starting process left open (a root-only file, a socket) must
@@ -106,7 +116,17 @@ def drop_privileges(user: str, group: str, keep_root: bool, fallback: str = "") 
     Return a sentence saying what happened. With `fallback`, a host without `user` (the
     default account, not created yet) gets that account instead, and a warning."""
     if os.geteuid() != 0:
-        return f"running as uid {os.geteuid()}, gid {os.getegid()} (not started as root)"
+        # Started unprivileged (systemd's User=), perhaps with capabilities to bind port
+        # 113 and open the connection-tracking table (AmbientCapabilities=): all opened
+        # by now, so none is kept.
+        held = held_capabilities()
+        if held:
+            keep_only_capabilities(frozenset())
+            if held_capabilities():
+                raise PrivilegeError("capabilities were not dropped")
+        set_no_new_privileges()
+        said = f"running as uid {os.geteuid()}, gid {os.getegid()} (not started as root)"
+        return said + ("; its capabilities dropped" if held else "")
     if keep_root:
         return "running as root, because server.keep_root is true"
     try:

@@ -113,6 +113,8 @@ class UsersConfig:
     oidentd_files: bool = True  # read ~/.oidentd.conf where a rule lets users choose
     max_file_size: int = 16384
     cache_seconds: int = 0  # 0: read at every query (what bouncers write changes each time)
+    # Started unprivileged (procident.service), the root helper systemd runs on this socket
+    helper_socket: str = "/run/procident/helper.sock"
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ import errno
 import ipaddress
 import logging
 import os
+import pwd
 import resource
 import socket
 import sys
@@ -26,7 +27,7 @@ from procident import __version__
 from procident.accounts import Accounts, FileReader
 from procident.admission import MAX_OVERFLOW
 from procident.config import Config, ConfigError, load_config, with_listen, with_log
-from procident.homes import HomeHelper, read_home_files
+from procident.homes import HelperError, HomeHelper, read_home_files
 from procident.listeners import ListenError, open_listeners
 from procident.lookup import Backend, ConnectionId, Endpoint, LookupFailed, select_backend
 from procident.lookup.conntrack import PATH, ConntrackTable
@@ -109,10 +110,19 @@ def open_conntrack() -> ConntrackTable:
         raise StartupError(f"nat.enabled: cannot open {PATH}: {err.strerror}{hint}") from None
 
 
+def daemon_account(config: Config) -> int:
+    """The uid of server.user, the daemon's account (-1 where there is none): it may own
+    the token key (procident.service starts the daemon as it)."""
+    try:
+        return pwd.getpwnam(config.server.user).pw_uid
+    except KeyError:
+        return -1
+
+
 def token_maker(config: Config, key_file: str | None = None) -> TokenMaker:
     path = key_file or config.tokens.key_file
     try:
-        return TokenMaker(load_keys(path))
+        return TokenMaker(load_keys(path, daemon_account(config)))
     except TokenError as err:
         hint = "" if os.path.exists(path) else f"; create it with: procident token-key {path}"
         raise StartupError(f"tokens.key_file: {err}{hint}") from None
@@ -195,19 +205,37 @@ class Opened:
 def open_privileged(config: Config, blocking_files: bool = False) -> Opened:
     """Open, as root, what `config` needs and only root can open: the token key, the
     connection-tracking table, and the helper that reads users' files (a process of its
-    own that keeps root; without root, the files are read directly). With
+    own that keeps root; started unprivileged, the helper systemd runs at
+    users.helper_socket, or else the files are read directly). With
     `blocking_files` (inetd: one connection), a query waits for the helper's answer."""
     opened = Opened()
     opened.tokens = token_maker(config) if uses_tokens(config) else None
     opened.conntrack = open_conntrack() if config.nat.enabled else None
-    if reads_user_files(config):
-        if os.geteuid() == 0 and not config.server.keep_root:
-            opened.helper = HomeHelper()  # keeps root to read home directories; see homes.py
-            if blocking_files:
-                opened.read_files = opened.helper.read
-            log.info("user files are read by helper process %d", opened.helper.pid)
-        else:
-            opened.read_files = read_home_files
+    if not reads_user_files(config):
+        return opened
+    reach = config.users.helper_socket
+    if os.geteuid() == 0 and not config.server.keep_root:
+        opened.helper = HomeHelper()  # keeps root to read home directories; see homes.py
+        log.info("user files are read by helper process %d", opened.helper.pid)
+    elif os.geteuid() != 0 and reach and os.path.lexists(reach):
+        # Started unprivileged by systemd: the helper is procident-helper.socket's.
+        try:
+            opened.helper = HomeHelper(connect=reach)
+        except HelperError as err:
+            raise StartupError(f"users.helper_socket: {err}") from None
+        log.info("user files are read by the helper at %s", reach)
+    else:
+        opened.read_files = read_home_files
+        if os.geteuid() != 0:
+            log.warning(
+                "user files are read as uid %d, which cannot read them in home "
+                "directories it may not enter; no helper at users.helper_socket %r",
+                os.geteuid(),
+                reach,
+            )
+        return opened
+    if blocking_files:
+        opened.read_files = opened.helper.read
     return opened
 
 
@@ -263,6 +291,15 @@ RELOAD_RULES: tuple[ReloadRule, ...] = (
         "take effect at the next start",
         lambda old, new: replace(
             new, log=replace(new.log, **{key: getattr(old.log, key) for key in _LOG_SINKS})
+        ),
+    ),
+    ReloadRule(
+        "users.helper_socket",
+        lambda old, new, opened: old.users.helper_socket != new.users.helper_socket,
+        KEPT,
+        "takes effect at the next start (the helper is reached at start)",
+        lambda old, new: replace(
+            new, users=replace(new.users, helper_socket=old.users.helper_socket)
         ),
     ),
     ReloadRule(

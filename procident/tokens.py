@@ -93,10 +93,11 @@ def parse_keys(text: str, source: str = "key file") -> dict[int, bytes]:
     return keys
 
 
-def _open_key_file(path: str, flags: int) -> int:
+def _open_key_file(path: str, flags: int, account: int = -1) -> int:
     """Open the key file without following a link and without blocking (a FIFO at the
     path must not hang the daemon), then check what was opened: a regular file, owned by
-    root or the running user, readable and writable by that owner alone."""
+    root, the running user or `account` (the daemon's, which procident.service starts
+    as), readable and writable by that owner alone."""
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as err:
@@ -110,8 +111,9 @@ def _open_key_file(path: str, flags: int) -> int:
         euid = os.geteuid()
         if not stat.S_ISREG(info.st_mode):
             raise TokenError(f"{path}: is not a regular file")
-        if info.st_uid not in (0, euid):
-            who = "root" if euid == 0 else f"root or uid {euid}"
+        owners = {0, euid, account} - {-1}
+        if info.st_uid not in owners:
+            who = " or ".join(["root"] + [f"uid {uid}" for uid in sorted(owners - {0})])
             raise TokenError(f"{path}: is owned by uid {info.st_uid}; it must be owned by {who}")
         if info.st_mode & 0o077:
             raise TokenError(
@@ -135,17 +137,22 @@ def _read_keys(fd: int, path: str) -> dict[int, bytes]:
     return parse_keys(data.decode("ascii", "replace"), path)
 
 
-def load_keys(path: str) -> dict[int, bytes]:
-    """Read a key file (a private regular file of root or this user; see _open_key_file)."""
-    fd = _open_key_file(path, os.O_RDONLY)
+def load_keys(path: str, account: int = -1) -> dict[int, bytes]:
+    """Read a key file (a private regular file of root, this user or `account`; see
+    _open_key_file)."""
+    fd = _open_key_file(path, os.O_RDONLY, account)
     try:
         return _read_keys(fd, path)
     finally:
         os.close(fd)
 
 
-def add_key(path: str) -> int:
+def add_key(path: str, account: int = -1) -> int:
     """Append a new random key to the key file (created 0600 if missing); return its id.
+
+    A new file made by root in a directory of `account` (the daemon's account, whose
+    StateDirectory= procident.service makes) is given to that account, so the daemon,
+    started as it, can read it; anywhere else it is root's.
 
     New tokens use it at once (after a restart or reload); older keys stay, so
     older tokens can still be decoded. Delete old lines when those tokens may go.
@@ -153,7 +160,7 @@ def add_key(path: str) -> int:
     that is then appended to; a new one is created with O_EXCL, never through a link.
     """
     try:
-        fd = _open_key_file(path, os.O_RDWR | os.O_APPEND)
+        fd = _open_key_file(path, os.O_RDWR | os.O_APPEND, account)
         keys = _read_keys(fd, path)
     except TokenError:
         if os.path.lexists(path):
@@ -169,6 +176,9 @@ def add_key(path: str) -> int:
             0o600,
         )
         keys = {}
+        place = os.stat(directory or ".")
+        if account > 0 and os.geteuid() == 0 and place.st_uid == account:
+            os.fchown(fd, account, place.st_gid)
     try:
         key_id = max(keys, default=0) % 255 + 1
         if key_id in keys:

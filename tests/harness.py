@@ -22,6 +22,12 @@ from pathlib import Path
 
 from netns import setns
 
+REPO = Path(__file__).resolve().parent.parent
+# Debian's python3, readable by every user: a test that starts Python as another user
+# runs it (the PATH's python3 may live where only root can read), with procident on
+# PYTHONPATH and Debian's python3-click (installed by .ci/run).
+SYSTEM_PYTHON = "/usr/bin/python3"
+
 STARTUP_TIMEOUT = 15.0
 USER_UID = 3001  # the test account `pidtest` of conftest's `accounts` fixture
 IO_TIMEOUT = 5.0
@@ -51,13 +57,18 @@ class Daemon:
         extra_args=(),
         preexec_fn=None,
         pass_fds=(),
+        prefix=(),
+        python=sys.executable,
     ):
         self.workdir = workdir
         self.config_path = workdir / "procident.toml"
         self.config_path.write_text(config)
         self.config_path.chmod(0o644)
         self.log_path = workdir / f"daemon-{time.monotonic_ns()}.log"
-        args = [sys.executable, "-m", "procident", "serve", "--config", str(self.config_path)]
+        # `prefix`: a command that starts the daemon (setpriv); `python`: SYSTEM_PYTHON
+        # where the daemon starts as another user, which cannot read the PATH's python3.
+        args = [*prefix, python, "-m", "procident", "serve", "--config", str(self.config_path)]
+        env = dict(os.environ, PYTHONPATH=str(REPO)) if python != sys.executable else None
         for address in listen:
             args += ["--listen", address]
         args += ["--log-level", "debug", *extra_args]
@@ -69,6 +80,7 @@ class Daemon:
                 stderr=log,
                 preexec_fn=preexec_fn,
                 pass_fds=pass_fds,
+                env=env,
             )
         self.addresses: dict[str, tuple[str, int]] = {}
         match = wait_for(self._serving, STARTUP_TIMEOUT)

@@ -11,6 +11,7 @@ import contextlib
 import os
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import requires_root
-from harness import USER_UID, ask_owned, owned_connection
+from harness import USER_UID, ask_owned, need, owned_connection, proc_status
 
 from procident import process
 
@@ -178,6 +179,51 @@ def test_key_file_of_another_user_is_neither_read_nor_appended(workdir: Path) ->
         reason = one_line_error(run(*command, timeout=15))
         assert f"{key}: is owned by uid {USER_UID}; it must be owned by root" in reason
     assert key.read_bytes() == before
+
+
+def test_a_key_made_in_the_daemons_state_directory_is_the_daemons(
+    start_daemon, accounts, workdir: Path
+) -> None:
+    """procident.service starts the daemon as its account, whose StateDirectory= is
+    /var/lib/procident: `token-key` run by root there gives the new key file to that
+    account (0600), so the daemon can read it, and adds the next key to it; the daemon
+    started as the account makes tokens with the newest key, and root decodes them."""
+    from harness import SYSTEM_PYTHON
+
+    setpriv = need("setpriv")
+    state = workdir / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, NOBODY, NOBODY)
+    key = state / "token.key"
+    config = workdir / "tokens.toml"
+    config.write_text(
+        f'[server]\nuser = "nobody"\n[tokens]\nkey_file = "{key}"\n'
+        '[[rules]]\nusers = ["pidtest"]\naction = "token"\n'
+    )
+    config.chmod(0o644)
+    for added in (1, 2):
+        made = run("token-key", "-c", str(config))
+        assert (
+            made.stdout == f"{key}: added key {added}; restart procident to make tokens with it\n"
+        )
+    info = key.stat()
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (NOBODY, NOBODY, 0o600)
+    daemon = start_daemon(
+        config.read_text(),
+        python=SYSTEM_PYTHON,
+        prefix=(setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"),
+        preexec_fn=accounts,
+    )
+    reply, head = ask_owned(daemon)
+    assert reply.startswith(head + b"USERID:OTHER:"), reply
+    token = reply.decode().rstrip("\r\n").rpartition(":")[2]
+    decoded = run("decode-token", "-c", str(config), token)
+    assert decoded.returncode == 0, decoded.stderr
+    assert f"uid:        {USER_UID}" in decoded.stdout
+    assert "key:        2" in decoded.stdout
+    elsewhere = workdir / "root.key"  # a directory that is not the account's: root's
+    assert run("token-key", "-c", str(config), str(elsewhere)).returncode == 0
+    assert elsewhere.stat().st_uid == 0
 
 
 @pytest.mark.parametrize("kind", ["fifo", "directory", "symlink", "group-readable"])
@@ -619,3 +665,139 @@ def test_the_default_account_is_a_dedicated_one(start_daemon, workdir: Path) -> 
     plain = start_daemon()
     plain.wait_log(r"there is no account 'procident': running as 'nobody'.*useradd --system")
     plain.wait_log(r"dropped privileges to user nobody")
+
+
+def test_started_unprivileged_with_capabilities_it_keeps_none(start_daemon) -> None:
+    """As procident.service starts it: an unprivileged user holding CAP_NET_BIND_SERVICE
+    and CAP_NET_ADMIN from systemd (AmbientCapabilities=). It binds port 113 with them,
+    then keeps none: a client that took the daemon over could not reconfigure the
+    host's network, nor bind another privileged port."""
+    from harness import SYSTEM_PYTHON, proc_status, read_line
+
+    setpriv = need("setpriv")
+    caps = "+net_bind_service,+net_admin"
+    address = f"127.{os.getpid() % 200 + 20}.{os.getpid() // 200 % 250 + 1}.113"
+    daemon = start_daemon(
+        listen=(f"{address}:113",),
+        python=SYSTEM_PYTHON,
+        prefix=(setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+        + (f"--inh-caps={caps}", f"--ambient-caps={caps}"),
+    )
+    daemon.wait_log(r"running as uid 65534, gid 65534 \(not started as root\); its capab")
+    status = proc_status(daemon.pid)
+    for field in ("CapPrm", "CapEff", "CapAmb", "CapInh"):
+        assert int(status[field], 16) == 0, (field, status[field])
+    assert status["NoNewPrivs"] == "1"
+    with socket.create_connection((address, 113), timeout=5) as client:
+        client.sendall(b"1, 1\r\n")
+        assert read_line(client) == b"1,1:ERROR:NO-USER\r\n"
+
+
+# -- started unprivileged: root only in procident-helper.socket's helper -----------
+
+
+@contextlib.contextmanager
+def helper_socket(path: Path, owner: int, mode: int = 0o600):
+    """A listening socket as procident-helper.socket makes it (SocketUser=, SocketMode=);
+    `accept()` takes one connection and starts `procident helper` on it as root, as
+    procident-helper@.service does (Accept=yes, StandardInput=socket)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    os.chown(path, owner, owner)
+    path.chmod(mode)
+    listener.listen()
+    listener.settimeout(10)
+    started: list[subprocess.Popen[bytes]] = []
+    log = path.with_suffix(".log")
+
+    def accept(preexec_fn=None) -> subprocess.Popen[bytes]:
+        conn, _ = listener.accept()
+        with conn, open(log, "ab") as out:
+            started.append(
+                subprocess.Popen(
+                    [*PROCIDENT, "helper"],
+                    stdin=conn,
+                    stdout=out,
+                    stderr=out,
+                    preexec_fn=preexec_fn,
+                )
+            )
+        return started[-1]
+
+    try:
+        yield accept, log
+    finally:
+        listener.close()
+        path.unlink()
+        for helper in started:
+            if helper.poll() is None:
+                helper.kill()
+            helper.wait()
+
+
+def test_a_daemon_started_unprivileged_reads_users_files_through_the_helper_socket(
+    start_daemon, accounts, home: Path, workdir: Path
+) -> None:
+    """procident.service starts the daemon as its account, which cannot enter a home
+    directory of mode 0700: the file there is read by the root helper on
+    users.helper_socket, and the user's choice is answered. Without the socket, the
+    daemon says it reads the files itself, and the choice is not seen."""
+    from harness import SYSTEM_PYTHON
+
+    setpriv = need("setpriv")
+    user_file(home, ".oidentd.conf", 'global { reply "nick" }\n')
+    home.chmod(0o700)
+    path = workdir / "helper.sock"
+    config = BOUNCER_RULE.format(may='["spoof"]') + f'[users]\nhelper_socket = "{path}"\n'
+    unprivileged = (setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+    with helper_socket(path, NOBODY) as (accept, log):
+        daemon = start_daemon(
+            config, python=SYSTEM_PYTHON, prefix=unprivileged, preexec_fn=accounts
+        )
+        daemon.wait_log(f"user files are read by the helper at {path}")
+        helper = accept(preexec_fn=accounts)
+        reply, head = ask_owned(daemon)
+        assert reply == head + b"USERID:OTHER:nick\r\n"
+        assert proc_status(helper.pid)["Uid"].split()[1] == "0"  # euid root between reads
+        daemon.stop()
+        assert helper.wait(10) == 0, log.read_text()  # it ends when the daemon hangs up
+    alone = start_daemon(config, python=SYSTEM_PYTHON, prefix=unprivileged, preexec_fn=accounts)
+    alone.wait_log(r"user files are read as uid 65534, which cannot read them in home")
+    reply, head = ask_owned(alone)
+    assert reply == head + b"USERID:UNIX:pidtest\r\n"
+
+
+def test_the_helper_answers_no_one_but_root_and_the_sockets_owner(workdir: Path) -> None:
+    """A local user who reaches the helper's socket (a mode left open by mistake) gets no
+    file read: the helper checks who connected (SO_PEERCRED) and ends at once."""
+    path = workdir / "helper.sock"
+    with helper_socket(path, NOBODY, mode=0o666) as (accept, log):
+        answers: list[bytes] = []
+
+        def ask() -> None:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+                sock.connect(str(path))
+                sock.sendall(struct.pack("!QII", 1, 0, 4096))  # root's files, please
+                sock.settimeout(10)
+                try:
+                    answers.append(sock.recv(65536))
+                except ConnectionResetError:  # closed with the request unread
+                    answers.append(b"")
+
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(USER_UID)
+                ask()
+                code = 0 if answers == [b""] else 2  # hung up on, with nothing read
+            finally:
+                os._exit(code)
+        helper = accept()
+        assert helper.wait(10) == 1
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    said = log.read_text()
+    assert f"refused a connection from uid {USER_UID} (pid {pid}): only root and uid 65534" in said

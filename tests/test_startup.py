@@ -63,6 +63,16 @@ def test_log_sinks_wait_for_a_restart_but_the_level_and_user_names_apply(caplog)
     assert said == ["log.target, log.format and the syslog settings take effect at the next start"]
 
 
+def test_the_helper_socket_waits_for_a_restart_but_the_rest_of_users_applies(caplog) -> None:
+    new = replace(RUNNING, users=UsersConfig(helper_socket="/run/elsewhere", noident=True))
+    served, said = _reload(new, caplog, Opened(read_files=lambda uid, size: {}))
+    assert served.users.helper_socket == RUNNING.users.helper_socket
+    assert served.users.noident
+    assert said == [
+        "users.helper_socket takes effect at the next start (the helper is reached at start)"
+    ]
+
+
 def test_turning_nat_on_is_refused_with_the_key_and_reason(caplog) -> None:
     new = replace(RUNNING, nat=NatConfig(enabled=True))
     with pytest.raises(ConfigError) as caught:
