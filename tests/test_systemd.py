@@ -356,6 +356,9 @@ def test_fresh_host_token_key_start_ready_and_a_users_answer(container: Containe
     procident.service starts (Type=notify: active only once READY) as the account
     procident, holding no capability and with no root process beside it, and answers
     alice's connection over IPv4 and IPv6, and carol's with a token root decodes."""
+    if container.install == "package":  # made at install (tmpfiles.d), the account's
+        made = container.run("stat -c '%a %U' /var/lib/procident").stdout
+        assert made == "700 procident\n"
     made = container.run("procident token-key /var/lib/procident/token.key")
     assert made.returncode == 0, made.stderr
     _configure(container, CONFIG)
