@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import ipaddress
 import logging
 import os
 import pwd
@@ -20,6 +21,8 @@ import click
 
 from procident import logsetup
 from procident.accounts import passwd_name
+from procident.advice import irc_warnings
+from procident.auditid import ID_PATTERN, describe_period, describe_scope, period_of
 from procident.client import NoAnswer, ask
 from procident.config import (
     DEFAULT_USER,
@@ -61,6 +64,7 @@ from procident.startup import (
     DEFAULT_CONFIG_PATH,
     Opened,
     StartupError,
+    audit_ids,
     backend,
     config_file,
     config_loader,
@@ -74,6 +78,7 @@ from procident.startup import (
     reloader,
     support_lines,
     token_maker,
+    uses_audit_ids,
     uses_tokens,
 )
 from procident.tokens import TokenError, TokenMaker, add_key, load_keys
@@ -286,6 +291,8 @@ def check_config(file: str, user: str | None) -> None:
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"{file}: OK")
+    for warning in irc_warnings(config):
+        click.echo(f"warning: {warning}", err=True)
     if user is None:
         return
     try:
@@ -328,6 +335,7 @@ def lookup(local: Endpoint, remote: Endpoint, config_path: str | None) -> None:
         setup_logging(LogConfig(level="warning"))
         opened = Opened(
             tokens=token_maker(config) if uses_tokens(config) else None,
+            audit_ids=audit_ids(config) if uses_audit_ids(config) else None,
             conntrack=open_conntrack() if config.nat.enabled else None,
             read_files=read_home_files,
         )
@@ -377,11 +385,27 @@ def token_key(key_file: str | None, config_path: str | None) -> None:
 @click.option(
     "-c", "--config", "config_path", type=click.Path(dir_okay=False), help="As for serve."
 )
-def decode_token(token: str, key_file: str | None, config_path: str | None) -> None:
-    """Say whose connection an audit token stands for: uid, time and connection.
+@click.option(
+    "-q", "--querier", metavar="ADDRESS", help="An audit id's querier: the IRC server's address."
+)
+@click.option("-d", "--date", metavar="YYYY-MM-DD", help="The day the audit id was seen (UTC).")
+def decode_token(
+    token: str,
+    key_file: str | None,
+    config_path: str | None,
+    querier: str | None,
+    date: str | None,
+) -> None:
+    """Say whose connection an audit token stands for (uid, time and connection), or
+    whose account an audit id of action "audit-id" is (give the querier and the date
+    where [tokens] audit_scope and audit_period make the id depend on them).
 
-    Exit 1 when the token was not made with a key in the key file, or was altered.
+    Exit 1 when the token was not made with a key in the key file, or was altered; for
+    an audit id, when no account matches, or more than one does.
     """
+    if ID_PATTERN.fullmatch(token):
+        _decode_audit_id(token, key_file, config_path, querier, date)
+        return
     path, account = _key_file(key_file, config_path)
     try:
         facts = TokenMaker(load_keys(path, account)).read(token)
@@ -393,6 +417,74 @@ def decode_token(token: str, key_file: str | None, config_path: str | None) -> N
     click.echo(f"time:       {when.isoformat()}")
     click.echo(f"connection: {facts.conn.local} (this host) <-> {facts.conn.remote} (querier)")
     click.echo(f"key:        {facts.key_id}")
+
+
+def _decode_audit_id(
+    audit_id: str,
+    key_file: str | None,
+    config_path: str | None,
+    querier_text: str | None,
+    date: str | None,
+) -> None:
+    with _one_sentence():
+        config = config_loader(config_path)()
+        ids = audit_ids(config, key_file)
+    scheme = ids.scheme
+    querier = None
+    if scheme.scope == "network":
+        if querier_text is None:
+            raise click.ClickException(
+                "an audit id depends on the querier's network ([tokens] audit_scope = "
+                '"network"): give --querier ADDRESS, the address of the server that asked'
+            )
+        try:
+            querier = ipaddress.ip_address(querier_text.strip("[]"))
+        except ValueError:
+            raise click.ClickException(f"--querier: not an IP address: {querier_text}") from None
+    if date is None and scheme.period != "forever":
+        raise click.ClickException(
+            f"an audit id depends on the {scheme.period} it was made in ([tokens] audit_period "
+            f'= "{scheme.period}"): give --date YYYY-MM-DD, the day it was seen (UTC)'
+        )
+    day = _day(date) if date else datetime.date(1970, 1, 1)
+    first, last = config.tokens.audit_uids
+    uids = set(range(first, last + 1)) | {entry.pw_uid for entry in pwd.getpwall()}
+    matches = ids.find([audit_id], uids, day, querier)[audit_id]
+    if not matches:
+        raise click.ClickException(
+            f"no account matches {audit_id}: no uid of the accounts or of [tokens] "
+            f"audit_uids ({first} to {last}) has it, with any key of the key file, for "
+            + describe_scope(querier, scheme)
+            + f", in {describe_period(scheme.period, period_of(scheme.period, day))} or "
+            "the periods either side"
+        )
+    if len(matches) > 1:
+        click.echo(
+            f"{len(matches)} matches for {audit_id} (account and period); the id cannot say which:"
+        )
+    for match in matches:
+        name = passwd_name(match.uid)
+        click.echo(f"uid:        {match.uid}" + (f" ({name})" if name else " (no passwd entry)"))
+        click.echo(f"period:     {describe_period(scheme.period, match.period)}")
+        click.echo(f"querier:    {describe_scope(querier, scheme)}")
+        click.echo(f"key:        {match.key_id}")
+    if len(matches) > 1:
+        sys.exit(1)
+
+
+def _day(text: str) -> datetime.date:
+    """A day (UTC) from YYYY-MM-DD or an ISO date and time (with its time zone)."""
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise click.ClickException(f"--date: not YYYY-MM-DD: {text}") from None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(datetime.timezone.utc)
+    return moment.date()
 
 
 # -- helper -------------------------------------------------------------------

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
+from procident.auditid import PERIODS as AUDIT_PERIODS
+from procident.auditid import SCOPES as AUDIT_SCOPES
 from procident.lookup import Endpoint
 from procident.protocol import printable
 from procident.settings import (
@@ -55,6 +57,7 @@ from procident.tomlcheck import (
     _unknown,
     _user_id,
     read_toml,
+    shown,
 )
 
 __all__ = [
@@ -106,6 +109,7 @@ ACTIONS = (
     "random",
     "random-numeric",
     "token",
+    "audit-id",
     "forward",
     "deny",
 )
@@ -119,6 +123,22 @@ CAPABILITIES = (
     "forward",
 )
 SYSLOG_FACILITIES = tuple(sorted(logging.handlers.SysLogHandler.facility_names))
+
+
+MAX_AUDIT_UIDS = 1 << 20  # uids decode-token tries beside the accounts: about 2 s a key
+
+
+def _uid_span(value: object) -> tuple[int, int]:
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        or not 0 <= value[0] <= value[1] < 1 << 32
+    ):
+        raise ValueError(f"must be [FIRST, LAST], two uids with FIRST <= LAST, not {shown(value)}")
+    if value[1] - value[0] >= MAX_AUDIT_UIDS:
+        raise ValueError(f"must span at most {MAX_AUDIT_UIDS} uids, not {shown(value)}")
+    return value[0], value[1]
 
 
 _SECTIONS: dict[str, tuple[type[Any], dict[str, Callable[[Any], Any]]]] = {
@@ -173,7 +193,17 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, Callable[[Any], Any]]]] = {
             "deny": _list_of(_network, "networks"),
         },
     ),
-    "tokens": (TokensConfig, {"key_file": _path}),
+    "tokens": (
+        TokensConfig,
+        {
+            "key_file": _path,
+            "audit_period": _choice(*AUDIT_PERIODS),
+            "audit_scope": _choice(*AUDIT_SCOPES),
+            "audit_ipv4_prefix": _integer(8, 32),
+            "audit_ipv6_prefix": _integer(16, 128),
+            "audit_uids": _uid_span,
+        },
+    ),
     "forward": (ForwardConfig, {"timeout": _number(0.1, 60)}),
     "nat": (
         NatConfig,
@@ -227,6 +257,7 @@ _RULE_KEYS: dict[str, Callable[[Any], Any]] = {
     "charset": _token("charset"),
     "forward": _address,
     "user_may": _list_of(_choice(*CAPABILITIES), "capabilities"),
+    "long_ids": _boolean,
 }
 _SETS = ("users", "groups", "user_may")
 # Actions that name nobody: the owner's own files cannot turn them into a reply.

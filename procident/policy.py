@@ -39,13 +39,14 @@ class Decision:
     """What to answer and the rule that chose it (named in the log and by `procident lookup`).
 
     reply is None for the actions the responder completes: "token" (encrypt
-    the connection's facts) and "forward" (ask the application at `forward`).
+    the connection's facts), "audit-id" (the owner's pseudonym for the querier's
+    network and the period) and "forward" (ask the application at `forward`).
     """
 
     reply: Reply | None
     rule: str
     action: str = ""
-    os: str = ""  # for "token" and "forward": the OS token their id is sent with
+    os: str = ""  # for "token", "audit-id" and "forward": the OS token of their id
     forward: Endpoint | None = None
     capabilities: frozenset[str] | None = None  # forward chosen by a user: what it may answer
     trace: tuple[str, ...] = field(default=(), compare=False)
@@ -260,7 +261,7 @@ def _act(
         os = rule.os if rule and rule.os else reply.os
         return Decision(UserIdReply(owner.name, os, charset), name, action, trace=trace.done())
     assert rule is not None
-    if action in ("token", "forward"):  # completed by the responder
+    if action in ("token", "audit-id", "forward"):  # completed by the responder
         return Decision(None, name, action, other, rule.forward, trace=trace.done())
     user_id = _made_id(action, owner, rule.reply, rng)
     return Decision(UserIdReply(user_id, other, charset), name, action, trace=trace.done())

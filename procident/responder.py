@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from procident import policy
 from procident.accounts import Accounts, FilesPending, UserNames, passwd_name
+from procident.auditid import AuditIds
 from procident.config import Config
 from procident.forwarded import Forward, NatPlan, forwarded_reply, translated_reply
 from procident.lookup import (
@@ -80,6 +81,7 @@ class Responder:
         user_name: Callable[[int], str | None] = passwd_name,
         accounts: Accounts | None = None,
         tokens: TokenMaker | None = None,
+        audit_ids: AuditIds | None = None,
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
         conntrack: ConntrackTable | None = None,
@@ -95,6 +97,7 @@ class Responder:
         self.names = UserNames(user_name)
         self.accounts = accounts or Accounts(config)
         self.tokens = tokens
+        self.audit_ids = audit_ids
         # Random ids stand in for a person: they must not be predictable.
         self.rng = rng or random.SystemRandom()
         self.wall_clock = wall_clock
@@ -294,10 +297,16 @@ class Responder:
         return Answer(line, reply, rule, trace=tuple(steps))
 
     def _token(self, decision: policy.Decision, owner: policy.Owner, conn: ConnectionId) -> Reply:
-        if self.tokens is None:
-            raise TokenError(f"{decision.rule}: action token, but no token key is loaded")
-        token = self.tokens.make(owner.uid, self.wall_clock(), conn)
-        return UserIdReply(token, decision.os, self._config.reply.charset or None)
+        """The reply of action "token" or "audit-id"."""
+        if decision.action == "audit-id":
+            if self.audit_ids is None:
+                raise TokenError(f"{decision.rule}: action audit-id, but no token key is loaded")
+            made = self.audit_ids.make(owner.uid, self.wall_clock(), conn.remote.address)
+        else:
+            if self.tokens is None:
+                raise TokenError(f"{decision.rule}: action token, but no token key is loaded")
+            made = self.tokens.make(owner.uid, self.wall_clock(), conn)
+        return UserIdReply(made, decision.os, self._config.reply.charset or None)
 
     def finish_forward(
         self, query: Query, answer: Answer, line: bytes | None, failure: str = ""

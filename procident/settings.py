@@ -99,6 +99,9 @@ class Rule:
     charset: str = ""
     forward: Endpoint | None = None
     user_may: frozenset[str] = frozenset()  # what the owner's own file may choose
+    # Its clients keep ids longer than IRC's 10 characters (mail servers, audit logs):
+    # check-config does not warn about its long tokens or reply ids.
+    long_ids: bool = False
 
 
 DEFAULT_RULES = (Rule(name="rules[0]", action="hide", users=frozenset({"root"})),)
@@ -127,9 +130,14 @@ class AccessConfig:
 
 @dataclass(frozen=True, slots=True)
 class TokensConfig:
-    """[tokens]: the key of action "token"."""
+    """[tokens]: the key of actions "token" and "audit-id", and how audit ids are made."""
 
     key_file: str = "/var/lib/procident/token.key"
+    audit_period: str = "week"  # an audit id stays the same for this long (or "forever")
+    audit_scope: str = "network"  # one id per querier network; "all": the same for all
+    audit_ipv4_prefix: int = 24  # the querier's network, for audit_scope "network"
+    audit_ipv6_prefix: int = 48
+    audit_uids: tuple[int, int] = (0, 65535)  # tried by decode-token, beside the accounts
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from procident import __version__
 from procident.accounts import Accounts, FileReader
 from procident.admission import MAX_OVERFLOW
+from procident.auditid import AuditIds, Scheme
 from procident.config import Config, ConfigError, load_config, with_listen, with_log
 from procident.homes import HelperError, HomeHelper, read_home_files
 from procident.listeners import ListenError, open_listeners
@@ -87,6 +88,11 @@ def uses_tokens(config: Config) -> bool:
     return any(rule.action == "token" for rule in config.rules)
 
 
+def uses_audit_ids(config: Config) -> bool:
+    """Whether a rule answers with audit ids."""
+    return any(rule.action == "audit-id" for rule in config.rules)
+
+
 # -- what is opened at start ---------------------------------------------------
 
 
@@ -119,13 +125,34 @@ def daemon_account(config: Config) -> int:
         return -1
 
 
-def token_maker(config: Config, key_file: str | None = None) -> TokenMaker:
+def _keys(config: Config, key_file: str | None) -> dict[int, bytes]:
     path = key_file or config.tokens.key_file
     try:
-        return TokenMaker(load_keys(path, daemon_account(config)))
+        return load_keys(path, daemon_account(config))
     except TokenError as err:
         hint = "" if os.path.exists(path) else f"; create it with: procident token-key {path}"
         raise StartupError(f"tokens.key_file: {err}{hint}") from None
+
+
+def token_maker(config: Config, key_file: str | None = None) -> TokenMaker:
+    keys = _keys(config, key_file)
+    try:
+        return TokenMaker(keys)
+    except TokenError as err:
+        raise StartupError(f"tokens.key_file: {err}") from None
+
+
+def audit_scheme(config: Config) -> Scheme:
+    tokens = config.tokens
+    return Scheme(
+        tokens.audit_period, tokens.audit_scope, tokens.audit_ipv4_prefix, tokens.audit_ipv6_prefix
+    )
+
+
+def audit_ids(config: Config, key_file: str | None = None) -> AuditIds:
+    """What makes and decodes audit ids: the keys of the key file, and [tokens] audit_*
+    (no cryptography package needed: HMAC-SHA256 from the standard library)."""
+    return AuditIds(_keys(config, key_file), audit_scheme(config))
 
 
 def open_serving(config: Config, listen: tuple[Endpoint, ...] = ()) -> list[socket.socket]:
@@ -189,6 +216,7 @@ class Opened:
     """What the daemon opened at start, as root, for the configuration it started with."""
 
     tokens: TokenMaker | None = None
+    audit_ids: AuditIds | None = None
     conntrack: ConntrackTable | None = None
     helper: HomeHelper | None = None
     read_files: FileReader | None = None  # how a query reads a user's files, if it may
@@ -210,6 +238,7 @@ def open_privileged(config: Config, blocking_files: bool = False) -> Opened:
     `blocking_files` (inetd: one connection), a query waits for the helper's answer."""
     opened = Opened()
     opened.tokens = token_maker(config) if uses_tokens(config) else None
+    opened.audit_ids = audit_ids(config) if uses_audit_ids(config) else None
     opened.conntrack = open_conntrack() if config.nat.enabled else None
     if not reads_user_files(config):
         return opened
@@ -245,7 +274,12 @@ def make_responder(config: Config, opened: Opened, found: Backend, loop: bool = 
     helper = opened.helper if loop else None
     accounts = Accounts(config, opened.read_files, helper=helper)
     return Responder(
-        found, config, accounts=accounts, tokens=opened.tokens, conntrack=opened.conntrack
+        found,
+        config,
+        accounts=accounts,
+        tokens=opened.tokens,
+        audit_ids=opened.audit_ids,
+        conntrack=opened.conntrack,
     )
 
 
@@ -320,6 +354,13 @@ RELOAD_RULES: tuple[ReloadRule, ...] = (
         NOTED,
         "the token key is read only if the configuration at start uses tokens; "
         "until a restart, token rules answer UNKNOWN-ERROR",
+    ),
+    ReloadRule(
+        'action = "audit-id"',
+        lambda old, new, opened: uses_audit_ids(new) and opened.audit_ids is None,
+        NOTED,
+        "the token key is read only if the configuration at start uses audit ids; "
+        "until a restart, audit-id rules answer UNKNOWN-ERROR",
     ),
 )
 

@@ -179,6 +179,23 @@ def test_token_without_key_is_unknown_error(caplog) -> None:
     assert "no token key is loaded" in caplog.text and "Traceback" not in caplog.text
 
 
+def test_audit_id_reply_is_the_owners_id_for_the_querier() -> None:
+    """action audit-id sends the id AuditIds makes for the owner, the querier's address
+    and the time; with no key loaded, UNKNOWN-ERROR and a logged reason."""
+    from procident.auditid import AuditIds, Scheme
+
+    ids = AuditIds({1: bytes(32)}, Scheme())
+    config = with_config('[[rules]]\naction = "audit-id"\n')
+    answer = Responder(
+        DictBackend({CONN: entry(1000)}), config, NAMES.get, audit_ids=ids, wall_clock=lambda: 1e9
+    ).respond(QUERY, CONN, 0.0)
+    expected = ids.make(1000, 1e9, CONN.remote.address)
+    assert answer.line == b"40001,6667:USERID:OTHER:%s\r\n" % expected.encode()
+    alone = Responder(DictBackend({CONN: entry(1000)}), config, NAMES.get)
+    failed = alone.respond(QUERY, CONN, 0.0)
+    assert failed.line == b"40001,6667:ERROR:UNKNOWN-ERROR\r\n" and failed.rule == "token-failed"
+
+
 def test_reply_all_needs_no_lookup() -> None:
     """reply_all answers every well-formed query the same, without asking the kernel."""
     backend = DictBackend({})

@@ -101,6 +101,18 @@ def test_user_files_and_tokens_apply_but_say_what_they_need(caplog) -> None:
     assert _reload(new, caplog, opened) == (new, [])
 
 
+def test_audit_ids_apply_but_need_the_key_read_at_start(caplog) -> None:
+    new = replace(RUNNING, rules=(Rule(name="a", action="audit-id"),))
+    served, said = _reload(new, caplog)
+    assert served.rules == new.rules
+    assert said == [
+        "the token key is read only if the configuration at start uses audit ids; "
+        "until a restart, audit-id rules answer UNKNOWN-ERROR"
+    ]
+    opened = Opened(audit_ids=object())  # type: ignore[arg-type]
+    assert _reload(new, caplog, opened) == (new, [])
+
+
 def test_an_unchanged_configuration_reloads_silently_and_whole(caplog) -> None:
     new = replace(RUNNING, limits=LimitsConfig(per_client_connections=3))
     assert _reload(new, caplog) == (new, [])
