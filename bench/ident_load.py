@@ -65,6 +65,7 @@ WARM_UP = 300  # queries sent to each server before it is measured
 # of the load generator would search past them, and the cost of that search would
 # grow with N for every server alike, lookups or not.
 OWNER_PORTS = 2000
+LOG_LEVEL = "info"  # procident's default: one line per answer (--log-level)
 
 
 # -- the connections asked about ------------------------------------------------
@@ -183,15 +184,19 @@ def on_server_cpu() -> None:
     os.sched_setaffinity(0, {SERVER_CPU})
 
 
-def start_server(name: str, args: list[str], port: int, checks_answers: bool = True) -> Server:
-    process = subprocess.Popen(
-        args,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        preexec_fn=on_server_cpu,
-        start_new_session=True,
-    )
+def start_server(
+    name: str, args: list[str], port: int, checks_answers: bool = True, log: str = os.devnull
+) -> Server:
+    """Start a server on SERVER_CPU; its standard error (procident's log) goes to `log`."""
+    with open(log, "ab") as sink:
+        process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+            preexec_fn=on_server_cpu,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 15
     while True:
         try:
@@ -200,7 +205,8 @@ def start_server(name: str, args: list[str], port: int, checks_answers: bool = T
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                error = process.stderr.read().decode()  # type: ignore[union-attr]
+                with open(log, errors="replace") as said:
+                    error = said.read()[-2000:]
                 raise SystemExit(f"{name} did not start: {error}") from None
             time.sleep(0.05)
 
@@ -216,15 +222,26 @@ def procident_server(backend: str, workdir: str) -> Server:
             "per_client_rate = 0\n"
         )
     os.chmod(config, 0o644)  # readable after the drop to nobody
+    # The default log level (info: one line per answer), written to a file, as a
+    # service's log is.
     args = [sys.executable, "-m", "procident", "serve", "--config", config]
-    args += ["--listen", f"127.0.0.1:{port}", "--log-level", "warning"]
-    return start_server(f"procident {backend}", args, port)
+    args += ["--listen", f"127.0.0.1:{port}", "--log-level", LOG_LEVEL]
+    log = os.path.join(workdir, f"{backend}.log")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(log)
+    return start_server(f"procident {backend}", args, port, log=log)
 
 
 def constant_server() -> Server:
     port = free_port()
     args = [sys.executable, os.path.abspath(__file__), "--constant-server", str(port)]
     return start_server("constant reply", args, port, checks_answers=False)
+
+
+def minimal_server() -> Server:
+    port = free_port()
+    args = [sys.executable, os.path.abspath(__file__), "--minimal-server", str(port)]
+    return start_server("minimal python", args, port, checks_answers=False)
 
 
 def oidentd_server() -> Server | None:
@@ -234,6 +251,44 @@ def oidentd_server() -> Server | None:
     args = ["oidentd", "-i", "-S", "-q", "-a", "127.0.0.1", "-p", str(port)]
     args += ["-l", "4096", "-u", "nobody", "-g", "nogroup"]
     return start_server("oidentd", args, port)
+
+
+def run_minimal_server(port: int) -> None:
+    """The least a Python ident server can do, without procident's code: a selectors
+    loop that reads a line and sends one fixed reply (the floor of Python itself)."""
+    listener = socket.create_server(("127.0.0.1", port), backlog=4096)
+    listener.setblocking(False)
+    loop = selectors.DefaultSelector()
+    loop.register(listener, selectors.EVENT_READ)
+    buffers: dict[socket.socket, bytes] = {}
+    while True:
+        for key, _ in loop.select():
+            sock = cast(socket.socket, key.fileobj)
+            if sock is listener:
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        client, _ = listener.accept()
+                        client.setblocking(False)
+                        loop.register(client, selectors.EVENT_READ)
+                        buffers[client] = b""
+                continue
+            try:
+                data = sock.recv(1024)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            held = buffers[sock] + data
+            if data and b"\n" not in held:
+                buffers[sock] = held[:1024]
+                continue
+            if data:
+                ports = held.split(b"\n", 1)[0].strip().replace(b" ", b"")
+                with contextlib.suppress(OSError):
+                    sock.send(ports + b":USERID:OTHER:constant\r\n")
+            loop.unregister(sock)
+            del buffers[sock]
+            sock.close()
 
 
 def run_constant_server(port: int) -> None:
@@ -437,13 +492,27 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=3, help="rounds over all servers; each one's best is kept"
     )
+    parser.add_argument(
+        "--servers",
+        default="netlink,procfs,constant,minimal,oidentd",
+        help="which servers to measure (comma-separated)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", help="procident's (default info: a line per answer)"
+    )
     parser.add_argument("--constant-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--minimal-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.constant_server:
         run_constant_server(args.constant_server)
         return
+    if args.minimal_server:
+        run_minimal_server(args.minimal_server)
+        return
     if os.geteuid() != 0:
         raise SystemExit("run as root: the connections are owned by other accounts")
+    global LOG_LEVEL
+    LOG_LEVEL = args.log_level
     for signum in (signal.SIGTERM, signal.SIGINT):  # so the cleanup below always runs
         signal.signal(signum, lambda signum, frame: sys.exit(f"stopped by signal {signum}"))
     sizes = [int(size) for size in args.sizes.split(",")]
@@ -514,12 +583,14 @@ def measure_size(
             (b"%d,%d\r\n" % (rng.randint(1024, 65535), rng.randint(1, 1023)), None)
             for _ in range(args.queries)
         ]
-        starters = [
-            lambda: procident_server("netlink", workdir),
-            lambda: procident_server("procfs", workdir),
-            constant_server,
-            oidentd_server,
-        ]
+        every = {
+            "netlink": lambda: procident_server("netlink", workdir),
+            "procfs": lambda: procident_server("procfs", workdir),
+            "constant": constant_server,
+            "minimal": minimal_server,
+            "oidentd": oidentd_server,
+        }
+        starters = [every[name] for name in args.servers.split(",")]
         for starter in starters:
             server = starter()
             if server is None:
@@ -545,13 +616,14 @@ def report(results: dict[tuple[int, str, str], Result], sizes: list[int]) -> Non
     """The ratios the targets speak of, each between two measurements of this run."""
     small, large = min(sizes), max(sizes)
     middle = 1000 if 1000 in sizes else large
-    netlink, procfs, constant, oidentd = (
-        "procident netlink", "procident procfs", "constant reply", "oidentd"
+    netlink, procfs, constant, minimal, oidentd = (
+        "procident netlink", "procident procfs", "constant reply", "minimal python", "oidentd"
     )  # fmt: skip
     comparisons = [
         ((large, netlink, "live"), (large, oidentd, "live")),
         ((large, netlink, "absent"), (large, oidentd, "absent")),
         ((large, netlink, "live"), (small, netlink, "live")),
+        ((large, netlink, "live"), (large, minimal, "live")),
         ((large, netlink, "live"), (large, constant, "live")),
         ((middle, procfs, "live"), (middle, oidentd, "live")),
     ]

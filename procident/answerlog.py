@@ -8,7 +8,9 @@ served it.
 from __future__ import annotations
 
 import logging
+import time
 
+from procident.logsetup import FastInfo
 from procident.lookup import Endpoint
 from procident.metrics import Metrics
 from procident.responder import Answer, describe_owner
@@ -98,6 +100,17 @@ def log_answer(
         if answer is not None and answer.owner is not None:
             owner = f"uid={answer.owner.uid}"
         rule = rule.split(" forward ", 1)[0]  # a forward's note may quote an id
+    fast = _fast(logger)
+    if fast is not None:  # procident's own text log: the same line, without a LogRecord
+        fast.write(
+            f"answer client={client} query={server_port},{client_port} owner={owner} "
+            f"reply={reply} rule={rule}",
+            time.time(),
+            flush=not _HELD.holding,
+        )
+        if _HELD.holding:
+            _HELD.streams.add(fast)
+        return
     fields = {
         "event": "answer",
         "client": str(client),
@@ -118,3 +131,49 @@ def log_answer(
         rule,
         extra={"fields": fields},
     )
+
+
+class _Held:
+    """Answer lines written but not flushed yet, in one turn of the daemon's loop: one
+    write(2) per turn, not per answer. A line logged otherwise meanwhile goes to the
+    same stream, so the order of lines is kept."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.streams: set[FastInfo] = set()
+
+
+_HELD = _Held()
+
+
+def hold_lines() -> None:
+    """From now until release_lines, answer lines wait in their stream's buffer."""
+    _HELD.holding = True
+
+
+def release_lines() -> None:
+    """Flush the answer lines held since hold_lines."""
+    _HELD.holding = False
+    while _HELD.streams:
+        _HELD.streams.pop().flush()
+
+
+# The FastInfo of each logger, with the handlers and stream it was made for.
+_FAST: dict[str, tuple[tuple[object, ...], FastInfo | None]] = {}
+
+
+def _fast(logger: logging.Logger) -> FastInfo | None:
+    """The logger's FastInfo, made again whenever its handlers (or theirs) change."""
+    chain: list[object] = [logger.filters]
+    current: logging.Logger | None = logger
+    while current is not None:
+        chain += (current.propagate, *current.handlers)
+        for handler in current.handlers:
+            chain += (getattr(handler, "stream", None), handler.formatter, handler.level)
+        current = current.parent if current.propagate else None
+    key = tuple(chain)
+    made = _FAST.get(logger.name)
+    if made is None or made[0] != key:
+        made = (key, FastInfo.for_logger(logger))
+        _FAST[logger.name] = made
+    return made[1]

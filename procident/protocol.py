@@ -186,6 +186,8 @@ def printable(text: str, limit: int = 0) -> str:
     Fast when there is nothing to escape (the common case)."""
     if limit and len(text) > limit:
         text = text[:limit] + "..."
+    if text.isascii() and text.isprintable():  # nothing to escape, found in C
+        return text
     if UNPRINTABLE.search(text) is None:
         return text
     return UNPRINTABLE.sub(_escape, text)

@@ -21,7 +21,7 @@ from dataclasses import replace
 
 from procident.admission import Admission, Ticket, client_key, refusal_words
 from procident.answering import Answering
-from procident.answerlog import record_answer
+from procident.answerlog import hold_lines, record_answer, release_lines
 from procident.config import Config, ConfigError
 from procident.connection import RECV_SIZE, SEND_BUFFER, Connection, Deadlines
 from procident.listeners import Acceptor, ListenError, open_listeners
@@ -120,9 +120,13 @@ class Server:
         if timeout is not None:
             wait = timeout if wait is None else min(wait, timeout)
         events = self.selector.select(wait)
-        with self.responder.batch():  # the queries of one turn may share a table read
-            for key, mask in events:
-                key.data(mask)
+        hold_lines()  # the turn's answer lines go out in one write
+        try:
+            with self.responder.batch():  # the queries of one turn may share a table read
+                for key, mask in events:
+                    key.data(mask)
+        finally:
+            release_lines()
         if self.signals.pending:
             self._handle_signals()
         self._tick(self.clock())

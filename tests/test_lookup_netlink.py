@@ -24,8 +24,14 @@ from procident.lookup import (
     normalize_address,
     select_backend,
 )
-from procident.lookup.netlink import NetlinkBackend, pack_request, unpack_response
-from procident.lookup.procfs import ProcfsBackend, parse_table
+from procident.lookup.netlink import (
+    NetlinkBackend,
+    pack_dump_request,
+    pack_request,
+    unpack_dump,
+    unpack_response,
+)
+from procident.lookup.procfs import ProcfsBackend, find_any_remote, parse_table
 
 V4_LOCAL = Endpoint(ipaddress.IPv4Address("192.0.2.1"), 40001)
 V4_REMOTE = Endpoint(ipaddress.IPv4Address("198.51.100.7"), 6667)
@@ -258,3 +264,93 @@ def test_backends_agree_on_the_live_table() -> None:
     found = [a for _, a, _ in answers if a is not None]
     assert len(found) == len(table)  # every listed socket was found, nothing more
     assert any(inbound for _, inbound in found) and any(not e.owned for e, _ in found)
+
+
+# -- a NAT gateway's query: one filtered dump instead of /proc (issue 19) ---------------
+
+
+def test_pack_dump_request() -> None:
+    """NLM_F_REQUEST | NLM_F_DUMP, every state but LISTEN, and an INET_DIAG_REQ_BYTECODE
+    of four port conditions: each passes on to the next (yes = 8) or jumps past the end
+    (no = what is left + 4), which rejects the socket."""
+    data = pack_dump_request(socket.AF_INET, 40001, 6667, 9)
+    length, kind, flags, seq, _ = struct.unpack_from("=IHHII", data)
+    assert (length, kind, flags, seq) == (len(data), 20, 0x301, 9)
+    family, protocol, _, _, states = struct.unpack_from("=BBBBI", data, 16)
+    assert (family, protocol, states) == (
+        socket.AF_INET,
+        socket.IPPROTO_TCP,
+        0xFFFFFFFF & ~(1 << 10),
+    )
+    attribute = data[16 + 56 :]
+    assert struct.unpack_from("=HH", attribute) == (4 + 32, 1)
+    ops = [struct.unpack_from("=BBH", attribute, 4 + 4 * i) for i in range(8)]
+    assert ops == [(2, 8, 36), (0, 0, 40001), (3, 8, 28), (0, 0, 40001)] + [
+        (4, 8, 20),
+        (0, 0, 6667),
+        (5, 8, 12),
+        (0, 0, 6667),
+    ]
+
+
+def test_unpack_dump_entries_done_and_errors() -> None:
+    a = diag_msg(
+        socket.AF_INET, 1, bytes([192, 0, 2, 1]), 40001, bytes([203, 0, 113, 5]), 6667, 1000, 77
+    )
+    b = diag_msg(
+        socket.AF_INET, 6, bytes([192, 0, 2, 1]), 40001, bytes([203, 0, 113, 6]), 6667, 0, 0
+    )
+    entries, done = unpack_dump(nlmsg(20, 5, a) + nlmsg(20, 5, b) + nlmsg(20, 4, a), 5)
+    assert not done and [(e.remote.address.exploded, e.uid, e.owned) for e in entries] == [
+        ("203.0.113.5", 1000, True),
+        ("203.0.113.6", 0, False),
+    ]
+    assert unpack_dump(nlmsg(3, 5, struct.pack("=i", 0)), 5) == ([], True)
+    with pytest.raises(OSError, match="EPERM"):
+        unpack_dump(nlmsg(2, 5, struct.pack("=i", -errno.EPERM)), 5)
+    with pytest.raises(ValueError):
+        unpack_dump(nlmsg(20, 5, a)[:-8] + b"\xff" * 3, 5)
+
+
+def _seen(found):
+    """What a gateway's answer depends on, whichever backend found it."""
+    entry = found.entry
+    return (
+        str(normalize_address(entry.remote.address)),
+        entry.remote.port,
+        entry.uid,
+        found.inbound,
+    )
+
+
+@requires_root
+def test_find_any_remote_agrees_with_procfs_and_is_shared_in_a_batch() -> None:
+    """On the live table: connections of one local end to one remote port from several
+    addresses (IPv4, and a dual-stack socket speaking IPv4) are found by netlink as by
+    /proc, owned ones first, listeners left out; another remote port finds nothing.
+    In a batch, a second query about the same pair shares the first one's dump."""
+    backend = NetlinkBackend()
+    with contextlib.ExitStack() as stack:
+        made = [
+            stack.enter_context(owned_connection(1, ("127.0.0.1", 0), "127.0.0.2")),
+            stack.enter_context(owned_connection(2, ("127.0.0.1", 0), "127.0.0.3")),
+        ]
+        mapped = stack.enter_context(
+            owned_connection(65534, ("127.0.0.1", 0), "::ffff:127.0.0.4", socket.AF_INET6)
+        )
+        # The gateway's view: the service's end, its port, and the remote port asked.
+        for conn in [*made, mapped]:
+            local = Endpoint(ipaddress.IPv4Address("127.0.0.1"), conn.remote[1])
+            remote_port = conn.local[1]
+            got = backend.find_any_remote(local, remote_port)
+            tcp4, tcp6 = Path("/proc/net/tcp").read_text(), Path("/proc/net/tcp6").read_text()
+            want = find_any_remote(local, remote_port, tcp4, tcp6)
+            assert sorted(map(_seen, got)) == sorted(map(_seen, want)) and got, (got, want)
+            assert got[0].inbound  # the service's port listens
+            assert backend.find_any_remote(local, remote_port + 1) == [] or remote_port == 65535
+        local = Endpoint(ipaddress.IPv4Address("127.0.0.1"), made[0].remote[1])
+        with backend.batch():
+            first = backend.find_any_remote(local, made[0].local[1])
+            assert backend.find_any_remote(local, made[0].local[1]) is first
+        assert backend.find_any_remote(local, made[0].local[1]) is not first
+    backend.close()

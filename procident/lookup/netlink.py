@@ -20,7 +20,8 @@ import ipaddress
 import select
 import socket
 import struct
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 from procident.lookup.types import (
     ConnectionId,
@@ -30,6 +31,7 @@ from procident.lookup.types import (
     LookupFailed,
     SocketEntry,
     TcpState,
+    normalize_address,
 )
 
 NETLINK_SOCK_DIAG = 4  # linux/netlink.h
@@ -120,19 +122,90 @@ def unpack_response(data: bytes, seq: int) -> SocketEntry | None | bool:
             raise OSError(-code, f"sock_diag: {errno.errorcode.get(-code, -code)}")
         if kind != SOCK_DIAG_BY_FAMILY or len(body) < _MSG_SIZE:
             raise ValueError(f"netlink message of type {kind} and {len(body)} bytes")
-        family, state, _timer, _retrans = _MSG_HEAD.unpack_from(body)
-        sport, dport, src, dst = _SOCKID_ADDRESSES.unpack_from(body, _MSG_HEAD.size)
-        tail = _MSG_HEAD.size + _SOCKID_ADDRESSES.size + _SOCKID_TAIL.size
-        _expires, _rqueue, _wqueue, uid, inode = _MSG_TAIL.unpack_from(body, tail)
-        return SocketEntry(
-            local=Endpoint(_address(family, src), sport),
-            remote=Endpoint(_address(family, dst), dport),
-            state=TcpState(state),
-            uid=uid,
-            inode=inode,
-            source=SOURCE,
-        )
+        return _entry(body)
     return False
+
+
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+NLMSG_DONE = 3
+INET_DIAG_REQ_BYTECODE = 1
+# inet_diag bytecode (linux/inet_diag.h): struct inet_diag_bc_op {code, yes, no}; a
+# port condition is followed by an op whose `no` holds the port.
+_BC_OP = struct.Struct("=BBH")
+_BC_S_GE, _BC_S_LE, _BC_D_GE, _BC_D_LE = 2, 3, 4, 5
+_ATTR = struct.Struct("=HH")
+_NOT_LISTENING = ALL_STATES & ~(1 << TcpState.LISTEN)
+
+
+def pack_dump_request(family: int, local_port: int, remote_port: int, seq: int) -> bytes:
+    """A sock_diag dump of the TCP sockets of `family` with this local and this remote
+    port, listeners left out: the kernel runs the bytecode filter over its table, so
+    only the sockets asked for come back (a NAT gateway's query: the remote address is
+    the gateway's outer peer, which the query cannot name)."""
+    ops = (
+        (_BC_S_GE, local_port),
+        (_BC_S_LE, local_port),
+        (_BC_D_GE, remote_port),
+        (_BC_D_LE, remote_port),
+    )
+    size = len(ops) * 2 * _BC_OP.size
+    code = b"".join(
+        # yes: on to the next condition; no: past the end (+4), which rejects the socket
+        _BC_OP.pack(op, 2 * _BC_OP.size, size - at * 2 * _BC_OP.size + 4) + _BC_OP.pack(0, 0, port)
+        for at, (op, port) in enumerate(ops)
+    )
+    attribute = _ATTR.pack(_ATTR.size + len(code), INET_DIAG_REQ_BYTECODE) + code
+    body = (
+        _REQUEST_HEAD.pack(family, socket.IPPROTO_TCP, 0, 0, _NOT_LISTENING)
+        + _SOCKID_ADDRESSES.pack(0, 0, bytes(16), bytes(16))
+        + _TAIL
+    )
+    length = _HEADER.size + len(body) + len(attribute)
+    return _HEADER.pack(length, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + (
+        body + attribute
+    )
+
+
+def unpack_dump(data: bytes, seq: int) -> tuple[list[SocketEntry], bool]:
+    """The entries of one datagram of the answer to dump `seq`, and whether it ends the
+    dump (NLMSG_DONE). ValueError: malformed data; OSError: the kernel refused."""
+    entries: list[SocketEntry] = []
+    offset = 0
+    while offset + _HEADER.size <= len(data):
+        length, kind, _flags, message_seq, _port = _HEADER.unpack_from(data, offset)
+        if length < _HEADER.size or offset + length > len(data):
+            raise ValueError(f"netlink message length {length} does not fit the datagram")
+        body = data[offset + _HEADER.size : offset + length]
+        offset += (length + 3) & ~3
+        if message_seq != seq:
+            continue
+        if kind == NLMSG_DONE:
+            return entries, True
+        if kind == NLMSG_ERROR:
+            (code,) = _ERROR.unpack_from(body)
+            raise OSError(-code, f"sock_diag dump: {errno.errorcode.get(-code, -code)}")
+        if kind != SOCK_DIAG_BY_FAMILY or len(body) < _MSG_SIZE:
+            raise ValueError(f"netlink message of type {kind} and {len(body)} bytes")
+        entries.append(_entry(body))
+    return entries, False
+
+
+def _entry(body: bytes) -> SocketEntry:
+    family, state, _timer, _retrans = _MSG_HEAD.unpack_from(body)
+    sport, dport, src, dst = _SOCKID_ADDRESSES.unpack_from(body, _MSG_HEAD.size)
+    tail = _MSG_HEAD.size + _SOCKID_ADDRESSES.size + _SOCKID_TAIL.size
+    _expires, _rqueue, _wqueue, uid, inode = _MSG_TAIL.unpack_from(body, tail)
+    return SocketEntry(
+        local=Endpoint(_address(family, src), sport),
+        remote=Endpoint(_address(family, dst), dport),
+        state=TcpState(state),
+        uid=uid,
+        inode=inode,
+        source=SOURCE,
+    )
+
+
+MAX_DUMP_ENTRIES = 4096  # sockets one gateway query may bring back: bounded
 
 
 class NetlinkBackend:
@@ -148,13 +221,70 @@ class NetlinkBackend:
         self._sock.setblocking(False)
         self._sock.bind((0, 0))
         self._seq = 0
+        # Within a batch: the gateway searches made so far, by (local end, remote port).
+        self._dumps: dict[tuple[Endpoint, int], list[Found]] | None = None
 
     def close(self) -> None:
         self._sock.close()
 
     def batch(self) -> AbstractContextManager[None]:
-        """Nothing to share: every request is exact and cheap."""
-        return nullcontext()
+        """Exact requests share nothing; a gateway's dumps (find_any_remote) are shared
+        by the queries of one block (a turn of the daemon's loop)."""
+        return self._batch()
+
+    @contextmanager
+    def _batch(self) -> Iterator[None]:
+        self._dumps = {}
+        try:
+            yield
+        finally:
+            self._dumps = None
+
+    def find_any_remote(self, local: Endpoint, remote_port: int) -> list[Found]:
+        """Every connection of `local` to port `remote_port` at any address, listeners
+        left out, those a process holds first: one filtered dump per address family
+        (an IPv4 connection may be a dual-stack IPv6 socket), instead of reading
+        /proc/net/tcp and tcp6 whole. Shared within a batch."""
+        dumps = self._dumps
+        if dumps is not None and (local, remote_port) in dumps:
+            return dumps[local, remote_port]
+        here = normalize_address(local.address)
+        families = (_AF_INET, _AF_INET6) if here.version == 4 else (_AF_INET6,)
+        entries = [
+            entry
+            for family in families
+            for entry in self._dump(family, local.port, remote_port)
+            if normalize_address(entry.local.address) == here
+            and entry.remote.port == remote_port
+            and entry.state != TcpState.LISTEN
+        ]
+        found: list[Found] = []
+        if entries:
+            nowhere = _NOWHERE4 if local.address.version == 4 else _NOWHERE6
+            listener = self._ask(local, nowhere)
+            inbound = listener is not None and listener.state == TcpState.LISTEN
+            entries.sort(key=lambda entry: not entry.owned)
+            found = [Found(entry, inbound=inbound) for entry in entries]
+        if dumps is not None:
+            dumps[local, remote_port] = found
+        return found
+
+    def _dump(self, family: int, local_port: int, remote_port: int) -> list[SocketEntry]:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        seq = self._seq
+        entries: list[SocketEntry] = []
+        try:
+            self._sock.send(pack_dump_request(family, local_port, remote_port, seq))
+            while True:
+                more, done = unpack_dump(self._recv(), seq)
+                entries += more
+                if done:
+                    return entries
+                if len(entries) > MAX_DUMP_ENTRIES:
+                    raise ValueError(f"more than {MAX_DUMP_ENTRIES} sockets in one dump")
+        except (OSError, ValueError) as err:
+            # A dump cut short leaves datagrams behind: their sequence number is skipped.
+            raise LookupFailed(f"sock_diag dump failed: {err}") from err
 
     def find(self, conn: ConnectionId) -> Found | None:
         """Look `conn` up; a listener in the answer means there is no such connection."""

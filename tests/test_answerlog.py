@@ -1,0 +1,111 @@
+"""The answer's log line (procident.answerlog): the fast text path writes exactly what
+the logging module would, escaped the same, and the daemon's loop flushes once a turn
+(issue 19)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+
+import pytest
+
+from procident import answerlog
+from procident.logsetup import TEXT_FORMAT, FastInfo, TextFormatter
+
+STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
+
+
+class Counting(io.StringIO):
+    flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+@pytest.fixture
+def logger():
+    """A logger set up as setup_logging sets procident's (text to a stream), a child
+    of it as the daemon's modules log through, and the stream."""
+    parent = logging.getLogger("procident-test-answerlog")
+    stream = Counting()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter(TEXT_FORMAT))
+    parent.handlers[:] = [handler]
+    parent.setLevel(logging.INFO)
+    parent.propagate = False
+    yield parent.getChild("server"), stream, handler
+    parent.handlers[:] = []
+
+
+ANSWERS = [
+    ("127.0.0.1", 40001, 6667, b"40001,6667:USERID:UNIX:alice\r\n", "rules[1]"),
+    ("::1", 1, 2, b"1,2:ERROR:NO-USER\r\n", "default"),
+    # What others wrote: escaped on either path, never a second line or a terminal code.
+    (
+        "10.0.0.1",
+        3,
+        4,
+        b"3,4:USERID:OTHER:ev\xc2\x85il\r\n",
+        "rules[0]+~/.oidentd.conf line 2\x1b[2J",
+    ),
+]
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+def test_the_fast_line_is_the_logging_modules_line(logger, answer) -> None:
+    child, stream, handler = logger
+    assert FastInfo.for_logger(child) is not None
+    answerlog.log_answer(child, *answer)
+    fast = stream.getvalue()
+    stream.seek(0)
+    stream.truncate()
+    handler.addFilter(lambda record: True)  # any filter: the logging module's way
+    assert FastInfo.for_logger(child) is None
+    answerlog.log_answer(child, *answer)
+    slow = stream.getvalue()
+    assert STAMP.sub("", fast) == STAMP.sub("", slow) and fast.count("\n") == 1
+    assert STAMP.match(fast) and "\x1b" not in fast and "\x85" not in fast
+
+
+def test_other_handlers_json_and_propagation_take_the_logging_modules_way(logger) -> None:
+    child, stream, handler = logger
+    parent = child.parent
+    assert isinstance(parent, logging.Logger)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    assert FastInfo.for_logger(child) is None
+    handler.setFormatter(TextFormatter(TEXT_FORMAT))
+    seen: list[logging.LogRecord] = []
+    extra = logging.Handler()
+    extra.emit = seen.append  # type: ignore[method-assign]
+    parent.addHandler(extra)
+    answerlog.log_answer(child, *ANSWERS[0])
+    assert len(seen) == 1 and seen[0].fields["reply"] == "USERID:UNIX:alice"  # type: ignore[attr-defined]
+    parent.removeHandler(extra)
+    assert FastInfo.for_logger(child) is not None
+
+
+def test_held_lines_are_flushed_once_in_order(logger) -> None:
+    """In a turn of the loop, answer lines wait in the stream and go out in one flush at
+    its end; a warning logged between them keeps its place."""
+    child, stream, _ = logger
+    answerlog.hold_lines()
+    try:
+        answerlog.log_answer(child, *ANSWERS[0])
+        answerlog.log_answer(child, *ANSWERS[1])
+        assert stream.flushes == 0
+        child.warning("between")
+        answerlog.log_answer(child, *ANSWERS[0])
+    finally:
+        answerlog.release_lines()
+    lines = [STAMP.sub("", line) for line in stream.getvalue().splitlines()]
+    assert [line.split()[0:2] for line in lines] == [
+        ["INFO", "answer"],
+        ["INFO", "answer"],
+        ["WARNING", "between"],
+        ["INFO", "answer"],
+    ]
+    flushes = stream.flushes
+    answerlog.log_answer(child, *ANSWERS[1])  # outside a turn: at once
+    assert stream.flushes == flushes + 1
