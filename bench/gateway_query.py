@@ -76,6 +76,9 @@ def main() -> None:
         f"{'N':>6} {'backend':<8} {'normal us':>10} {'gateway us':>11} {'ratio':>6}  {'batched':<8}"
     )
     for n in (int(size) for size in args.sizes.split(",")):
+        if 2 * n + 64 > hard:
+            print(f"{n:>6} skipped: {2 * n + 64} open files needed, the hard limit is {hard}")
+            continue
         pairs, held = connections(n)
         try:
             chosen = [pairs[i * 7919 % n] for i in range(args.queries)]

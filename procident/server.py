@@ -9,6 +9,7 @@ waiting, and hands every record to the one answer sink (procident.answerlog).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import logging
@@ -69,6 +70,11 @@ class Server:
         responder.on_lookup = self.metrics.lookup
         self.responder = responder
         self.listeners = listeners
+        for listener in listeners:
+            # Accepted connections inherit the listener's send buffer: set once here,
+            # not by a setsockopt for every connection.
+            with contextlib.suppress(OSError):
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self.reload = reload
         self.clock = clock
         self.selector = selectors.DefaultSelector()
@@ -256,7 +262,6 @@ class Server:
             peer = endpoint_from_sockaddr(address)
             local = endpoint_from_sockaddr(sock.getsockname()).address
             sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         except OSError:  # reset before we looked
             sock.close()
             return

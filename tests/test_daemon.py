@@ -472,3 +472,41 @@ def test_sequential_one_query_connections_are_never_refused(start_daemon) -> Non
                 right += read_line(sock) == expected
     assert right == 2000
     assert "refused" not in daemon.log()
+
+
+def test_accepted_connections_have_the_bounded_send_buffer(start_daemon) -> None:
+    """Each client connection's kernel send buffer is SEND_BUFFER (set once on the
+    listener, which accepted connections inherit), not the megabytes loopback autotuning
+    would grow for a client that never reads: ss(8) shows the server end's skmem tb."""
+    import re
+    import shutil
+    import subprocess
+
+    from harness import need
+
+    from procident.connection import SEND_BUFFER
+
+    ss = need("ss")
+    assert shutil.which(ss)
+    daemon = start_daemon()
+    host, port = daemon.addresses["127.0.0.1"]
+    with socket.create_connection((host, port)) as client:
+        client_port = client.getsockname()[1]
+        shown = wait_for(
+            lambda: re.search(
+                r"tb(\d+)",
+                subprocess.run(
+                    [
+                        ss,
+                        "-tmnH",
+                        "state",
+                        "established",
+                        f"( sport = :{port} and dport = :{client_port} )",
+                    ],
+                    capture_output=True,
+                    text=True,
+                ).stdout,
+            ),
+            5,
+        )
+    assert int(shown[1]) == 2 * SEND_BUFFER  # the kernel doubles what it is given
