@@ -98,6 +98,20 @@ def _address(family: int, raw: bytes) -> IPAddress:
     raise ValueError(f"address family {family} in a TCP diag message")
 
 
+def _messages(data: bytes, seq: int) -> Iterator[tuple[int, bytes]]:
+    """The (type, body) of each message of one datagram that answers request `seq`;
+    ValueError when a length does not fit."""
+    offset = 0
+    while offset + _HEADER.size <= len(data):
+        length, kind, _flags, message_seq, _port = _HEADER.unpack_from(data, offset)
+        if length < _HEADER.size or offset + length > len(data):
+            raise ValueError(f"netlink message length {length} does not fit the datagram")
+        body = data[offset + _HEADER.size : offset + length]
+        offset += (length + 3) & ~3  # messages are 4-byte aligned
+        if message_seq == seq:
+            yield kind, body
+
+
 def unpack_response(data: bytes, seq: int) -> SocketEntry | None | bool:
     """Read the kernel's answer to request `seq` from one datagram.
 
@@ -106,15 +120,7 @@ def unpack_response(data: bytes, seq: int) -> SocketEntry | None | bool:
     (a late answer to an earlier request). ValueError: malformed data;
     OSError: the kernel refused the request.
     """
-    offset = 0
-    while offset + _HEADER.size <= len(data):
-        length, kind, _flags, message_seq, _port = _HEADER.unpack_from(data, offset)
-        if length < _HEADER.size or offset + length > len(data):
-            raise ValueError(f"netlink message length {length} does not fit the datagram")
-        body = data[offset + _HEADER.size : offset + length]
-        offset += (length + 3) & ~3  # messages are 4-byte aligned
-        if message_seq != seq:
-            continue
+    for kind, body in _messages(data, seq):
         if kind == NLMSG_ERROR:
             (code,) = _ERROR.unpack_from(body)
             if code == -errno.ENOENT:
@@ -170,15 +176,7 @@ def unpack_dump(data: bytes, seq: int) -> tuple[list[SocketEntry], bool]:
     """The entries of one datagram of the answer to dump `seq`, and whether it ends the
     dump (NLMSG_DONE). ValueError: malformed data; OSError: the kernel refused."""
     entries: list[SocketEntry] = []
-    offset = 0
-    while offset + _HEADER.size <= len(data):
-        length, kind, _flags, message_seq, _port = _HEADER.unpack_from(data, offset)
-        if length < _HEADER.size or offset + length > len(data):
-            raise ValueError(f"netlink message length {length} does not fit the datagram")
-        body = data[offset + _HEADER.size : offset + length]
-        offset += (length + 3) & ~3
-        if message_seq != seq:
-            continue
+    for kind, body in _messages(data, seq):
         if kind == NLMSG_DONE:
             return entries, True
         if kind == NLMSG_ERROR:
