@@ -7,6 +7,7 @@ served it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -102,15 +103,19 @@ def log_answer(
         rule = rule.split(" forward ", 1)[0]  # a forward's note may quote an id
     fast = _fast(logger)
     if fast is not None:  # procident's own text log: the same line, without a LogRecord
-        fast.write(
-            f"answer client={client} query={server_port},{client_port} owner={owner} "
-            f"reply={reply} rule={rule}",
-            time.time(),
-            flush=not _HELD.holding,
-        )
-        if _HELD.holding:
-            _HELD.streams.add(fast)
-        return
+        try:
+            fast.write(
+                f"answer client={client} query={server_port},{client_port} owner={owner} "
+                f"reply={reply} rule={rule}",
+                time.time(),
+                flush=not _HELD.holding,
+            )
+        except (OSError, ValueError):
+            pass  # the stream failed (a full disk, a closed pipe): logging's way says so
+        else:
+            if _HELD.holding:
+                _HELD.streams.add(fast)
+            return
     fields = {
         "event": "answer",
         "client": str(client),
@@ -155,7 +160,10 @@ def release_lines() -> None:
     """Flush the answer lines held since hold_lines."""
     _HELD.holding = False
     while _HELD.streams:
-        _HELD.streams.pop().flush()
+        # A log that cannot be written never stops the loop (nor an answer): as
+        # logging's handlers do, the lines are lost and serving goes on.
+        with contextlib.suppress(OSError, ValueError):
+            _HELD.streams.pop().flush()
 
 
 # The FastInfo of each logger, with the handlers and stream it was made for.

@@ -246,23 +246,28 @@ def open_privileged(config: Config, blocking_files: bool = False) -> Opened:
     if os.geteuid() == 0 and not config.server.keep_root:
         opened.helper = HomeHelper()  # keeps root to read home directories; see homes.py
         log.info("user files are read by helper process %d", opened.helper.pid)
-    elif os.geteuid() != 0 and reach and os.path.lexists(reach):
-        # Started unprivileged by systemd: the helper is procident-helper.socket's.
-        try:
-            opened.helper = HomeHelper(connect=reach)
-        except HelperError as err:
-            raise StartupError(f"users.helper_socket: {err}") from None
-        log.info("user files are read by the helper at %s", reach)
     else:
-        opened.read_files = read_home_files
-        if os.geteuid() != 0:
-            log.warning(
-                "user files are read as uid %d, which cannot read them in home "
-                "directories it may not enter; no helper at users.helper_socket %r",
-                os.geteuid(),
-                reach,
-            )
-        return opened
+        why = f"no helper at users.helper_socket {reach!r}"
+        if os.geteuid() != 0 and reach and os.path.lexists(reach):
+            # Started unprivileged by systemd: the helper is procident-helper.socket's.
+            try:
+                opened.helper = HomeHelper(connect=reach)
+            except HelperError as err:
+                why = f"users.helper_socket: {err}"  # stopped, or not this account's
+            else:
+                log.info("user files are read by the helper at %s", reach)
+        if opened.helper is None:
+            # Never a reason not to answer: files that cannot be read are answered as
+            # such (an owner who may have asked to be hidden is hidden).
+            opened.read_files = read_home_files
+            if os.geteuid() != 0:
+                log.warning(
+                    "%s; user files are read as uid %d, which cannot read them in home "
+                    "directories it may not enter",
+                    why,
+                    os.geteuid(),
+                )
+            return opened
     if blocking_files:
         opened.read_files = opened.helper.read
     return opened

@@ -176,9 +176,13 @@ def add_key(path: str, account: int = -1) -> int:
             0o600,
         )
         keys = {}
-        place = os.stat(directory or ".")
-        if account > 0 and os.geteuid() == 0 and place.st_uid == account:
-            os.fchown(fd, account, place.st_gid)
+        try:
+            place = os.stat(directory or ".")
+            if account > 0 and os.geteuid() == 0 and place.st_uid == account:
+                os.fchown(fd, account, place.st_gid)
+        except BaseException:
+            os.close(fd)
+            raise
     try:
         key_id = max(keys, default=0) % 255 + 1
         if key_id in keys:

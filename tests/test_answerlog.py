@@ -109,3 +109,25 @@ def test_held_lines_are_flushed_once_in_order(logger) -> None:
     flushes = stream.flushes
     answerlog.log_answer(child, *ANSWERS[1])  # outside a turn: at once
     assert stream.flushes == flushes + 1
+
+
+class Broken(io.StringIO):
+    """A stream that fails as a full disk or a closed pipe does."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_log_that_cannot_be_written_costs_no_answer(logger, capsys) -> None:
+    """The answer's line is lost, as logging's handlers lose it (saying so on standard
+    error), and nothing is raised into the loop: the reply still goes out."""
+    child, _, handler = logger
+    handler.stream = Broken()
+    answerlog.log_answer(child, *ANSWERS[0])  # no exception
+    answerlog.hold_lines()
+    answerlog.log_answer(child, *ANSWERS[1])
+    answerlog.release_lines()  # no exception either
+    assert "Logging error" in capsys.readouterr().err

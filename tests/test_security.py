@@ -762,8 +762,17 @@ def test_a_daemon_started_unprivileged_reads_users_files_through_the_helper_sock
         daemon.stop()
         assert helper.wait(10) == 0, log.read_text()  # it ends when the daemon hangs up
     alone = start_daemon(config, python=SYSTEM_PYTHON, prefix=unprivileged, preexec_fn=accounts)
-    alone.wait_log(r"user files are read as uid 65534, which cannot read them in home")
+    alone.wait_log(r"no helper at users.helper_socket .*; user files are read as uid 65534")
     reply, head = ask_owned(alone)
+    assert reply == head + b"USERID:UNIX:pidtest\r\n"
+    # A socket left behind by a stopped procident-helper.socket: said, and still served.
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stale.bind(str(path))
+    stale.close()
+    os.chown(path, NOBODY, NOBODY)
+    left = start_daemon(config, python=SYSTEM_PYTHON, prefix=unprivileged, preexec_fn=accounts)
+    left.wait_log(r"cannot reach the user-file helper at .*: Connection refused; user files")
+    reply, head = ask_owned(left)
     assert reply == head + b"USERID:UNIX:pidtest\r\n"
 
 
