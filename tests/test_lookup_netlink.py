@@ -354,3 +354,80 @@ def test_find_any_remote_agrees_with_procfs_and_is_shared_in_a_batch() -> None:
             assert backend.find_any_remote(local, made[0].local[1]) is first
         assert backend.find_any_remote(local, made[0].local[1]) is not first
     backend.close()
+
+
+def _v(text: str):
+    return ipaddress.ip_address(text)
+
+
+@pytest.mark.parametrize(
+    "listeners, local, expected",
+    [
+        ([], "127.0.0.1", False),
+        (["127.0.0.1"], "127.0.0.1", True),
+        (["0.0.0.0"], "192.0.2.1", True),
+        (["192.0.2.9"], "192.0.2.1", False),  # another address's listener
+        (["::"], "2001:db8::1", True),
+        (["::"], "192.0.2.1", None),  # dual-stack unless IPV6_V6ONLY: ask the kernel
+        (["::", "0.0.0.0"], "192.0.2.1", True),
+        (["::ffff:192.0.2.1"], "192.0.2.1", True),
+        (["2001:db8::9"], "2001:db8::1", False),
+        (["0.0.0.0"], "2001:db8::1", False),
+        (["0.0.0.0"], "::ffff:192.0.2.1", True),  # a dual-stack socket's IPv4 connection
+    ],
+)
+def test_inbound_from_the_listeners_of_a_port(listeners, local, expected) -> None:
+    from procident.lookup.netlink import inbound_from
+
+    assert inbound_from([_v(a) for a in listeners], Endpoint(_v(local), 113)) is expected
+
+
+@requires_root
+def test_in_a_batch_the_listener_check_gives_what_the_probe_gives() -> None:
+    """Inside a batch, from its second lookup on, whether a connection is inbound comes
+    from one dump of the listeners, not a probe each: on the live table it must agree
+    with the probe for outbound and inbound ends, IPv4, IPv6, a dual-stack listener
+    (the case only the kernel can judge) and an IPv6-only one."""
+    backend = NetlinkBackend()
+    with contextlib.ExitStack() as stack:
+        made = [
+            stack.enter_context(owned_connection(1, ("127.0.0.1", 0), "127.0.0.2")),
+            stack.enter_context(owned_connection(2, ("::1", 0), "::1", socket.AF_INET6)),
+        ]
+        dual = stack.enter_context(socket.socket(socket.AF_INET6))
+        dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        dual.bind(("::", 0))
+        dual.listen()
+        only6 = stack.enter_context(socket.socket(socket.AF_INET6))
+        only6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        only6.bind(("::", 0))
+        only6.listen()
+        accepted = []
+        for listener in (dual, only6):
+            client = stack.enter_context(
+                socket.socket(socket.AF_INET6 if listener is only6 else socket.AF_INET)
+            )
+            client.connect(("::1" if listener is only6 else "127.0.0.1", listener.getsockname()[1]))
+            server, _ = listener.accept()
+            stack.enter_context(server)
+            accepted += [client, server]
+        conns = [conn(c.local, c.remote) for c in made] + [conn(c.remote, c.local) for c in made]
+        conns += [conn(s.getsockname()[:2], s.getpeername()[:2]) for s in accepted]
+        alone = [backend.find(c) for c in conns]
+        with backend.batch():
+            batched = [backend.find(c) for c in conns]
+        assert [f is not None and f.inbound for f in batched] == [
+            f is not None and f.inbound for f in alone
+        ]
+        assert all(f is not None for f in alone)
+        assert [f.inbound for f in alone if f is not None] == [
+            False,
+            False,
+            True,
+            True,
+            False,
+            True,
+            False,
+            True,
+        ]
+    backend.close()
