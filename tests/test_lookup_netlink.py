@@ -431,3 +431,38 @@ def test_in_a_batch_the_listener_check_gives_what_the_probe_gives() -> None:
             True,
         ]
     backend.close()
+
+
+@pytest.mark.parametrize(
+    "family, local, remote",
+    [
+        (socket.AF_INET, V4_LOCAL, V4_REMOTE),  # the ends asked for, given back
+        (socket.AF_INET6, V6_LOCAL, V6_REMOTE),
+        (socket.AF_INET, V4_LOCAL, Endpoint(V4_REMOTE.address, 6668)),  # another port
+        (socket.AF_INET, Endpoint(ipaddress.IPv4Address("192.0.2.2"), 40001), V4_REMOTE),
+        # a dual-stack socket's answer to an IPv4 request: mapped addresses, parsed
+        (
+            socket.AF_INET6,
+            Endpoint(_v("::ffff:192.0.2.1"), 40001),
+            Endpoint(_v("::ffff:198.51.100.7"), 6667),
+        ),
+    ],
+)
+def test_an_answer_read_with_the_ends_asked_is_the_same_entry(family, local, remote) -> None:
+    """unpack_response with the request's ends reuses an end the kernel gives back byte
+    for byte; every entry is equal to the one read without them."""
+    body = diag_msg(
+        family, 1, local.address.packed, local.port, remote.address.packed, remote.port, 1000, 7
+    )
+    plain = unpack_response(nlmsg(20, 5, body), seq=5)
+    reused = unpack_response(
+        nlmsg(20, 5, body),
+        seq=5,
+        asked=(V4_LOCAL, V4_REMOTE)
+        if family == socket.AF_INET and local.address.version == 4
+        else (V6_LOCAL, V6_REMOTE),
+    )
+    assert plain == reused
+    assert isinstance(reused, type(plain)) and reused is not None and reused is not False
+    if (local, remote) == (V4_LOCAL, V4_REMOTE):
+        assert reused.local is V4_LOCAL and reused.remote is V4_REMOTE

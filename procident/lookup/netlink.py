@@ -119,13 +119,15 @@ def _messages(data: bytes, seq: int) -> Iterator[tuple[int, bytes]]:
             yield kind, body
 
 
-def unpack_response(data: bytes, seq: int) -> SocketEntry | None | bool:
+def unpack_response(
+    data: bytes, seq: int, asked: tuple[Endpoint, Endpoint] | None = None
+) -> SocketEntry | None | bool:
     """Read the kernel's answer to request `seq` from one datagram.
 
     Returns the socket entry, None when the kernel says there is no such
     socket (ENOENT), or False when the datagram holds no message for `seq`
     (a late answer to an earlier request). ValueError: malformed data;
-    OSError: the kernel refused the request.
+    OSError: the kernel refused the request. `asked`: see _entry.
     """
     for kind, body in _messages(data, seq):
         if kind == NLMSG_ERROR:
@@ -135,7 +137,7 @@ def unpack_response(data: bytes, seq: int) -> SocketEntry | None | bool:
             raise OSError(-code, f"sock_diag: {errno.errorcode.get(-code, -code)}")
         if kind != SOCK_DIAG_BY_FAMILY or len(body) < _MSG_SIZE:
             raise ValueError(f"netlink message of type {kind} and {len(body)} bytes")
-        return _entry(body)
+        return _entry(body, asked)
     return False
 
 
@@ -195,14 +197,24 @@ def unpack_dump(data: bytes, seq: int) -> tuple[list[SocketEntry], bool]:
     return entries, False
 
 
-def _entry(body: bytes) -> SocketEntry:
+def _entry(body: bytes, asked: tuple[Endpoint, Endpoint] | None = None) -> SocketEntry:
+    """The socket of one inet_diag_msg. With `asked` (the ends an exact request named),
+    an end the kernel gives back byte for byte is that Endpoint itself, not a new one
+    parsed from the bytes: the same value, without building two addresses per lookup."""
     family, state, _timer, _retrans = _MSG_HEAD.unpack_from(body)
     sport, dport, src, dst = _SOCKID_ADDRESSES.unpack_from(body, _MSG_HEAD.size)
     tail = _MSG_HEAD.size + _SOCKID_ADDRESSES.size + _SOCKID_TAIL.size
     _expires, _rqueue, _wqueue, uid, inode = _MSG_TAIL.unpack_from(body, tail)
+    local = remote = None
+    if asked is not None and family == _family(asked[0].address):
+        size = 4 if family == _AF_INET else 16
+        if sport == asked[0].port and src[:size] == asked[0].address.packed:
+            local = asked[0]
+        if dport == asked[1].port and dst[:size] == asked[1].address.packed:
+            remote = asked[1]
     return SocketEntry(
-        local=Endpoint(_address(family, src), sport),
-        remote=Endpoint(_address(family, dst), dport),
+        local=local or Endpoint(_address(family, src), sport),
+        remote=remote or Endpoint(_address(family, dst), dport),
         state=TcpState(state),
         uid=uid,
         inode=inode,
@@ -383,7 +395,7 @@ class NetlinkBackend:
         try:
             self._sock.send(pack_request(local, remote, self._seq))
             while True:
-                result = unpack_response(self._recv(), self._seq)
+                result = unpack_response(self._recv(), self._seq, (local, remote))
                 if result is not False:
                     return result  # type: ignore[return-value]
         except (OSError, ValueError) as err:
