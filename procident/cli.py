@@ -440,7 +440,9 @@ def _decode_audit_id(
         try:
             querier = ipaddress.ip_address(querier_text.strip("[]"))
         except ValueError:
-            raise click.ClickException(f"--querier: not an IP address: {querier_text}") from None
+            raise click.ClickException(
+                f"--querier: not an IP address: {printable(querier_text, 80)}"
+            ) from None
     if date is None and scheme.period != "forever":
         raise click.ClickException(
             f"an audit id depends on the {scheme.period} it was made in ([tokens] audit_period "
@@ -481,7 +483,7 @@ def _day(text: str) -> datetime.date:
     try:
         moment = datetime.datetime.fromisoformat(text)
     except ValueError:
-        raise click.ClickException(f"--date: not YYYY-MM-DD: {text}") from None
+        raise click.ClickException(f"--date: not YYYY-MM-DD: {printable(text, 80)}") from None
     if moment.tzinfo is not None:
         moment = moment.astimezone(datetime.timezone.utc)
     return moment.date()

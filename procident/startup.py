@@ -242,35 +242,39 @@ def open_privileged(config: Config, blocking_files: bool = False) -> Opened:
     opened.conntrack = open_conntrack() if config.nat.enabled else None
     if not reads_user_files(config):
         return opened
-    reach = config.users.helper_socket
     if os.geteuid() == 0 and not config.server.keep_root:
         opened.helper = HomeHelper()  # keeps root to read home directories; see homes.py
         log.info("user files are read by helper process %d", opened.helper.pid)
-    else:
-        why = f"no helper at users.helper_socket {reach!r}"
-        if os.geteuid() != 0 and reach and os.path.lexists(reach):
-            # Started unprivileged by systemd: the helper is procident-helper.socket's.
-            try:
-                opened.helper = HomeHelper(connect=reach)
-            except HelperError as err:
-                why = f"users.helper_socket: {err}"  # stopped, or not this account's
-            else:
-                log.info("user files are read by the helper at %s", reach)
-        if opened.helper is None:
-            # Never a reason not to answer: files that cannot be read are answered as
-            # such (an owner who may have asked to be hidden is hidden).
-            opened.read_files = read_home_files
-            if os.geteuid() != 0:
-                log.warning(
-                    "%s; user files are read as uid %d, which cannot read them in home "
-                    "directories it may not enter",
-                    why,
-                    os.geteuid(),
-                )
-            return opened
-    if blocking_files:
+    elif os.geteuid() != 0:
+        opened.helper = _systemds_helper(config.users.helper_socket)
+    if opened.helper is None:  # root with keep_root, or no helper to ask
+        opened.read_files = read_home_files
+    elif blocking_files:
         opened.read_files = opened.helper.read
     return opened
+
+
+def _systemds_helper(reach: str) -> HomeHelper | None:
+    """Started unprivileged by systemd: the helper of procident-helper.socket at `reach`,
+    or None (said in the log). Never a reason not to answer: the files are then read as
+    this account, and those it cannot read are answered as such (an owner who may have
+    asked to be hidden is hidden)."""
+    why = f"no helper at users.helper_socket {reach!r}"
+    if reach and os.path.lexists(reach):
+        try:
+            helper = HomeHelper(connect=reach)
+        except HelperError as err:
+            why = f"users.helper_socket: {err}"  # stopped, or not this account's
+        else:
+            log.info("user files are read by the helper at %s", reach)
+            return helper
+    log.warning(
+        "%s; user files are read as uid %d, which cannot read them in home directories "
+        "it may not enter",
+        why,
+        os.geteuid(),
+    )
+    return None
 
 
 def make_responder(config: Config, opened: Opened, found: Backend, loop: bool = True) -> Responder:

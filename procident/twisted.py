@@ -48,6 +48,7 @@ from procident.lookup import (
     ConnectionId,
     Endpoint,
     LookupFailed,
+    endpoint_from_sockaddr,
     normalize_address,
     select_backend,
 )
@@ -372,8 +373,9 @@ def _backend() -> Backend:
     return _kernel
 
 
-def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    return normalize_address(ipaddress.ip_address(host.split("%", 1)[0]))
+def _normalized(endpoint: Endpoint) -> Endpoint:
+    """An IPv4-mapped end (a dual-stack socket's, in /proc/net/tcp6) as IPv4."""
+    return Endpoint(normalize_address(endpoint.address), endpoint.port)
 
 
 class ProcServerMixin:
@@ -421,12 +423,11 @@ class ProcServerMixin:
     def lookup(
         self, serverAddress: tuple[str, int], clientAddress: tuple[str, int]
     ) -> tuple[str, str]:
-        try:
+        try:  # as the daemon reads a socket's address: scope ids dropped, mapped as IPv4
             conn = ConnectionId(
-                Endpoint(_address(serverAddress[0]), serverAddress[1]),
-                Endpoint(_address(clientAddress[0]), clientAddress[1]),
+                endpoint_from_sockaddr(serverAddress), endpoint_from_sockaddr(clientAddress)
             )
-        except ValueError:
+        except (OSError, ValueError):
             raise NoUser() from None
         try:
             found = _backend().find(conn)
@@ -455,14 +456,17 @@ class ProcServerMixin:
                     entry = parse_line(line)
                 except ValueError:
                     continue
-                if entry.local == conn.local and entry.remote == conn.remote:
+                if (
+                    _normalized(entry.local) == conn.local
+                    and _normalized(entry.remote) == conn.remote
+                ):
                     return entry.uid if entry.owned else None
                 continue
             (laddr, lport), (raddr, rport), uid = self.parseLine(line)
             try:
-                local = Endpoint(_address(laddr), lport)
-                remote = Endpoint(_address(raddr), rport)
-            except ValueError:
+                local = endpoint_from_sockaddr((laddr, lport))
+                remote = endpoint_from_sockaddr((raddr, rport))
+            except (OSError, ValueError):
                 continue
             if local == conn.local and remote == conn.remote:
                 return uid

@@ -446,3 +446,14 @@ def test_ngircd_accepts_the_audit_id_as_the_users_ident(
         daemon.wait_log(r"reply=USERID:OTHER:bad_id rule=rules\[0\]")
         assert "alice!~alice@client.test" in welcome, (welcome, log.read_text())
         assert "Got invalid IDENT reply" in log.read_text()
+
+
+def test_decode_token_prints_what_others_wrote_escaped(tmp_path: Path) -> None:
+    """--querier and --date come from an abuse report, pasted: a control sequence in
+    them is escaped in the error, never sent to the terminal."""
+    config, _ = _config(tmp_path)
+    result = _decode(config, "abcdefghij", "-q", "\x1b[2J203.0.113.7", "-d", "2026-12-01")
+    assert result.exit_code == 1 and "\x1b" not in result.output
+    assert "--querier: not an IP address: \\x1b[2J203.0.113.7" in result.output
+    result = _decode(config, "abcdefghij", "-q", "203.0.113.7", "-d", "today\x1b]0;x\x07")
+    assert result.exit_code == 1 and "\x1b" not in result.output and "\x07" not in result.output

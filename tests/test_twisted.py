@@ -299,3 +299,36 @@ def test_ident_client_fails_pending_queries_when_the_connection_is_lost() -> Non
     listener.close()
     out, err = client.communicate(timeout=30)
     assert out.splitlines() == ["IdentError: UNKNOWN-ERROR", "IdentError: UNKNOWN-ERROR"], out + err
+
+
+def test_entries_of_a_dual_stack_socket_match_its_ipv4_connection() -> None:
+    """A subclass whose entries() also yields /proc/net/tcp6 lines: a dual-stack
+    socket's IPv4 connection is listed there with ::ffff: addresses, and is found for
+    the IPv4 query (the kernel lookup finds no such made-up connection first); a
+    closed one (inode 0) is NoUser, never uid 0's name."""
+    import ipaddress as ip
+
+    from procident import twisted as ident
+    from procident.lookup.procfs import _hex
+
+    def line(inode: int, uid: int) -> str:
+        local = _hex(ip.ip_address("::ffff:192.0.2.1"), 25, sys.byteorder)
+        remote = _hex(ip.ip_address("::ffff:198.51.100.7"), 762, sys.byteorder)
+        return f"0: {local} {remote} 01 00000000:00000000 00:00000000 00000000 {uid} 0 {inode} 1"
+
+    class Listed(ident.ProcServerMixin):
+        lines = [line(4242, 1000)]
+
+        def entries(self):
+            return iter(self.lines)
+
+        def getUsername(self, uid: int) -> str:
+            return f"user{uid}"
+
+    server = Listed()
+    assert server.lookup(("192.0.2.1", 25), ("198.51.100.7", 762)) == ("LINUX", "user1000")
+    with pytest.raises(ident.NoUser):
+        server.lookup(("192.0.2.1", 25), ("198.51.100.7", 763))
+    server.lines = [line(0, 0)]
+    with pytest.raises(ident.NoUser):
+        server.lookup(("192.0.2.1", 25), ("198.51.100.7", 762))

@@ -170,15 +170,22 @@ def pack_dump_request(family: int, local_port: int, remote_port: int, seq: int) 
         for at, (op, port) in enumerate(ops)
     )
     attribute = _ATTR.pack(_ATTR.size + len(code), INET_DIAG_REQ_BYTECODE) + code
+    return pack_states_dump(family, _NOT_LISTENING, seq, attribute)
+
+
+def pack_states_dump(family: int, states: int, seq: int, attribute: bytes = b"") -> bytes:
+    """A sock_diag dump of every TCP socket of `family` in `states` (a bit per state),
+    with a request attribute (a bytecode filter) if given."""
     body = (
-        _REQUEST_HEAD.pack(family, socket.IPPROTO_TCP, 0, 0, _NOT_LISTENING)
+        _REQUEST_HEAD.pack(family, socket.IPPROTO_TCP, 0, 0, states)
         + _SOCKID_ADDRESSES.pack(0, 0, bytes(16), bytes(16))
         + _TAIL
+        + attribute
     )
-    length = _HEADER.size + len(body) + len(attribute)
-    return _HEADER.pack(length, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + (
-        body + attribute
+    header = _HEADER.pack(
+        _HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
     )
+    return header + body
 
 
 def unpack_dump(data: bytes, seq: int) -> tuple[list[SocketEntry], bool]:
@@ -223,19 +230,6 @@ def _entry(body: bytes, asked: tuple[Endpoint, Endpoint] | None = None) -> Socke
 
 
 MAX_DUMP_ENTRIES = 4096  # sockets one dump may bring back: bounded
-
-
-def pack_states_dump(family: int, states: int, seq: int) -> bytes:
-    """A sock_diag dump of every TCP socket of `family` in `states` (a bit per state)."""
-    body = (
-        _REQUEST_HEAD.pack(family, socket.IPPROTO_TCP, 0, 0, states)
-        + _SOCKID_ADDRESSES.pack(0, 0, bytes(16), bytes(16))
-        + _TAIL
-    )
-    header = _HEADER.pack(
-        _HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
-    )
-    return header + body
 
 
 def inbound_from(listeners: Iterable[IPAddress], local: Endpoint) -> bool | None:
