@@ -6,32 +6,46 @@ connection whose remote end is the gateway's outer peer: no exact lookup can fin
 so the socket tables are searched by local end and remote port (find_any_remote). With
 N connections open (--sizes), it times procident's Responder answering Q such queries
 and Q normal ones about the same connections, each alone, and in batches of 50 (the
-queries of one loop turn share the search), for the netlink and the procfs backend.
+gateway queries of one loop turn share one search: Responder.prepare), for the netlink
+and the procfs backend. Then the whole daemon's cost ("loop"): the CPU of an in-process
+Server (netlink, answers logged to a file) per query, in --turns turns of 50 clients
+that each connect, ask, read and close, from the gateway's address or the peer's.
 
-    python3 bench/gateway_query.py [--sizes 100,10000] [--queries 2000]
+    python3 bench/gateway_query.py [--sizes 100,10000] [--queries 2000] [--turns 60]
 
-Loopback only; the connections are closed at the end.
+Loopback only; the connections are closed at the end (reset: no TIME_WAIT left behind).
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
+import os
 import resource
+import select
 import socket
+import struct
+import tempfile
 import time
 from dataclasses import replace
 
-from procident.config import Config, NatConfig, Rule
+from procident.config import Config, LimitsConfig, NatConfig, Rule
+from procident.logsetup import TEXT_FORMAT, TextFormatter
 from procident.lookup import ConnectionId, Endpoint
 from procident.lookup.netlink import NetlinkBackend
 from procident.lookup.procfs import ProcfsBackend
 from procident.protocol import Query
 from procident.responder import Responder
+from procident.server import Server, open_listeners
 
 GATEWAY = ipaddress.IPv4Address("127.0.0.9")  # asks for its outer peer 127.0.0.2
 HERE = ipaddress.IPv4Address("127.0.0.1")
+INNER = ipaddress.IPv4Address("127.0.0.2")  # the inner host's end of its connections
 BATCH = 50
+# The load comes from one address: the per-client limits lifted, as in ident_load.py.
+UNLIMITED = LimitsConfig(per_client_connections=1000, per_client_burst=100_000, per_client_rate=0)
+LINGER_RESET = struct.pack("ii", 1, 0)  # clients close with RST: no TIME_WAIT left behind
 
 
 def connections(n: int) -> tuple[list[tuple[int, int]], list[socket.socket]]:
@@ -41,6 +55,7 @@ def connections(n: int) -> tuple[list[tuple[int, int]], list[socket.socket]]:
     pairs = []
     for _ in range(n):
         client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         client.bind(("127.0.0.2", 0))
         client.connect(service.getsockname())
         accepted, _ = service.accept()
@@ -50,20 +65,82 @@ def connections(n: int) -> tuple[list[tuple[int, int]], list[socket.socket]]:
 
 
 def timed(responder: Responder, asks: list[tuple[Query, ConnectionId]], batch: int) -> float:
-    """Microseconds per answer, `batch` queries per responder.batch() block."""
+    """Microseconds per answer, `batch` queries per responder.batch() block, gathered
+    first as the daemon gathers a turn's (Responder.prepare)."""
     started = time.perf_counter()
     for at in range(0, len(asks), batch):
         with responder.batch():
+            if batch > 1:
+                responder.prepare([conn for _, conn in asks[at : at + batch]])
             for query, conn in asks[at : at + batch]:
                 answer = responder.respond(query, conn, 0.0)
                 assert answer.line is not None and b"USERID" in answer.line, answer.line
     return (time.perf_counter() - started) / len(asks) * 1e6
 
 
+def in_loop(
+    config: Config, chosen: list[tuple[int, int]], querier: str, rounds: int, log_to: str
+) -> float:
+    """Microseconds of CPU per query in procident's own loop (an in-process Server, the
+    netlink backend, the answer lines logged to a file by procident's text handler, as
+    the daemon does): `rounds` turns of BATCH clients from `querier`, each asking about
+    one connection of `chosen` and closing once answered. Only Server.step is timed;
+    every reply is checked."""
+    log = logging.getLogger("procident")
+    handler = logging.StreamHandler(open(log_to, "a"))  # noqa: SIM115 (closed below)
+    handler.setFormatter(TextFormatter(TEXT_FORMAT))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    backend = NetlinkBackend()
+    server = Server(config, Responder(backend, config), open_listeners((Endpoint(INNER, 0),)))
+    address = server.listeners[0].getsockname()
+    spent = 0.0
+    try:
+        for turn in range(rounds):
+            clients = []
+            asked = [chosen[(turn * BATCH + i) % len(chosen)] for i in range(BATCH)]
+            for service, peer in asked:
+                client = socket.socket()
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+                client.bind((querier, 0))
+                client.connect(address)
+                client.send(b"%d,%d\r\n" % (peer, service))
+                clients.append(client)
+            poll = select.poll()  # (not select(): N connections take descriptors > 1024)
+            for client in clients:
+                poll.register(client, select.POLLIN)
+            answered: set[int] = set()
+            for _ in range(1000):  # bounded: a turn or two answer them all
+                started = time.process_time()
+                server.step(0.05)
+                spent += time.process_time() - started
+                answered.update(fd for fd, _ in poll.poll(0))
+                if len(answered) == len(clients):
+                    break
+            for client, (service, peer) in zip(clients, asked, strict=True):
+                reply = client.recv(600)
+                assert reply.startswith(b"%d,%d:USERID:" % (peer, service)), reply
+                client.close()
+            for _ in range(1000):
+                if not server.connections:
+                    break
+                started = time.process_time()
+                server.step(0.05)
+                spent += time.process_time() - started
+    finally:
+        server.close()
+        backend.close()
+        log.removeHandler(handler)
+        handler.close()
+    return spent / (rounds * BATCH) * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100,10000")
     parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--turns", type=int, default=60, help="turns of 50 in the loop")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -114,6 +191,13 @@ def main() -> None:
                     )
                 if isinstance(backend, NetlinkBackend):
                     backend.close()
+            # The whole daemon's cost: accepting, reading, answering, logging, closing.
+            loop_config = replace(config, limits=UNLIMITED)
+            with tempfile.TemporaryDirectory() as workdir:
+                log_to = os.path.join(workdir, "answers.log")
+                a = in_loop(loop_config, chosen, str(HERE), args.turns, log_to)
+                b = in_loop(loop_config, chosen, str(GATEWAY), args.turns, log_to)
+            print(f"{n:>6} {'loop':<8} {a:>10.1f} {b:>11.1f} {b / a:>6.1f}  {'50/turn':<8}")
         finally:
             for sock in held:
                 sock.close()

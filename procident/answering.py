@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import selectors
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 
 from procident.accounts import FileWaits
 from procident.connection import Connection
@@ -52,6 +53,9 @@ class Answering:
         self.helper = getattr(getattr(responder, "accounts", None), "helper", None)
         if self.helper is not None:
             selector.register(self.helper, selectors.EVENT_READ, self._on_helper)
+        # In a turn of the loop (gathering): the connections whose Ask comes from a NAT
+        # gateway, answered together at the end of the turn (one search of the tables).
+        self.gathered: list[tuple[Connection, ConnectionId]] | None = None
 
     def next_deadline(self) -> float | None:
         dues = [
@@ -92,6 +96,22 @@ class Answering:
 
     # -- answering -------------------------------------------------------------
 
+    @contextmanager
+    def gathering(self) -> Iterator[None]:
+        """A turn of the loop: the Asks of NAT gateways wait for its end, then are
+        answered together (Responder.prepare: one walk of the kernel's table for all of
+        them instead of one each), in the order they came."""
+        self.gathered = []
+        try:
+            yield
+        finally:
+            gathered, self.gathered = self.gathered, None
+            if gathered:
+                self.responder.prepare([ident for _, ident in gathered])
+                for conn, _ in gathered:
+                    if self.alive(conn) and conn.asking is not None:
+                        self.proceed(conn, self.resolve)
+
     def resolve(self, conn: Connection) -> None:
         """Answer the session's Ask: now, or once a forward or the owner's files come
         (then this runs again)."""
@@ -102,6 +122,9 @@ class Answering:
             local=Endpoint(conn.local, query.server_port),
             remote=Endpoint(conn.peer.address, query.client_port),
         )
+        if self.gathered is not None and self.responder.from_gateway(ident):
+            self.gathered.append((conn, ident))  # answered at the end of the turn
+            return
         answer = self.responder.respond(query, ident, self.clock())
         if answer.pending is not None:
             conn.awaiting = answer.pending

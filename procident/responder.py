@@ -119,6 +119,24 @@ class Responder:
             return self.backend.batch()
         return _both(self.backend.batch(), self.conntrack.batch())
 
+    def from_gateway(self, conn: ConnectionId) -> bool:
+        """Whether `conn`'s querier is a gateway of [nat] gateways (its query names no
+        connection of this host: the tables are searched by local end and remote port)."""
+        gateways = self._config.nat.gateways
+        return bool(gateways) and any(conn.remote.address in net for net in gateways)
+
+    def prepare(self, conns: list[ConnectionId]) -> None:
+        """The queries of a batch about to be answered, gathered: those from gateways
+        share one search of the kernel's tables (the backend's prefetch_any_remote),
+        where each would walk the whole table alone. A failure here costs nothing: each
+        query's own search then says so."""
+        search = self.any_remote
+        prefetch = getattr(self.backend, "prefetch_any_remote", None)
+        if prefetch is None or getattr(search, "__self__", None) is not self.backend:
+            return
+        with contextlib.suppress(LookupFailed):
+            prefetch([(conn.local, conn.remote.port) for conn in conns if self.from_gateway(conn)])
+
     def respond(
         self, query: Query, conn: ConnectionId, now: float, explain: bool = False
     ) -> Answer:
@@ -134,13 +152,13 @@ class Responder:
                 line = format_reply(query.server_port, query.client_port, reply)
                 return Answer(line, reply, "reply.reply_all", trace=("[reply] reply_all is set",))
             nat = config.nat
-            from_gateway = any(conn.remote.address in net for net in nat.gateways)
+            from_gateway = self.from_gateway(conn)
             steps: list[str] = []
             try:
                 started = time.perf_counter()
                 found = self.backend.find(conn)
                 if found is None and from_gateway:
-                    found, conn = self._from_gateway(conn, steps)
+                    found, conn = self._from_gateway(conn, steps, explain)
                 if self.on_lookup is not None:
                     self.on_lookup(time.perf_counter() - started)
                 if found is None and nat.enabled and self.conntrack is not None:
@@ -206,18 +224,20 @@ class Responder:
         )
 
     def _from_gateway(
-        self, conn: ConnectionId, steps: list[str]
+        self, conn: ConnectionId, steps: list[str], explain: bool = True
     ) -> tuple[Found | None, ConnectionId]:
         """A query from a gateway in [nat] gateways that names no local connection: the
         gateway asks about a connection whose remote end is its outer peer, so look for
         the local end and the remote port with any remote address. Returns the socket
-        found and the connection with its real remote end."""
+        found and the connection with its real remote end (`steps`: what it did, when
+        explaining)."""
         candidates = self.any_remote(conn.local, conn.remote.port)
         if not candidates:
-            steps.append(
-                f"asked by gateway {conn.remote.address}: no connection of "
-                f"{conn.local} to port {conn.remote.port} at any address"
-            )
+            if explain:
+                steps.append(
+                    f"asked by gateway {conn.remote.address}: no connection of "
+                    f"{conn.local} to port {conn.remote.port} at any address"
+                )
             return None, conn
         owners = {found.entry.uid for found in candidates if found.entry.owned}
         if len(owners) > 1:
@@ -230,10 +250,11 @@ class Responder:
         # An IPv4 connection of a dual-stack socket is listed with ::ffff:a.b.c.d.
         peer = normalize_address(found.entry.remote.address)
         real = ConnectionId(conn.local, Endpoint(peer, conn.remote.port))
-        steps.append(
-            f"asked by gateway {conn.remote.address}: the connection is "
-            f"{real.local} <-> {real.remote}"
-        )
+        if explain:
+            steps.append(
+                f"asked by gateway {conn.remote.address}: the connection is "
+                f"{real.local} <-> {real.remote}"
+            )
         return found, real
 
     def _inner(

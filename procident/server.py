@@ -128,7 +128,8 @@ class Server:
         events = self.selector.select(wait)
         hold_lines()  # the turn's answer lines go out in one write
         try:
-            with self.responder.batch():  # the queries of one turn may share a table read
+            # The queries of one turn may share a table read; gateways' wait for its end.
+            with self.responder.batch(), self.answering.gathering():
                 for key, mask in events:
                     key.data(mask)
         finally:

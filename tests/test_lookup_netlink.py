@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import math
 import socket
 import struct
 import time
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import requires_root
 from harness import owned_connection
+from hypothesis import given
+from hypothesis import strategies as st
 
 from procident.lookup import (
     ConnectionId,
@@ -26,7 +29,6 @@ from procident.lookup import (
 )
 from procident.lookup.netlink import (
     NetlinkBackend,
-    pack_dump_request,
     pack_request,
     unpack_dump,
     unpack_response,
@@ -269,28 +271,121 @@ def test_backends_agree_on_the_live_table() -> None:
 # -- a NAT gateway's query: one filtered dump instead of /proc (issue 19) ---------------
 
 
-def test_pack_dump_request() -> None:
-    """NLM_F_REQUEST | NLM_F_DUMP, every state but LISTEN, and an INET_DIAG_REQ_BYTECODE
-    of four port conditions: each passes on to the next (yes = 8) or jumps past the end
-    (no = what is left + 4), which rejects the socket."""
-    data = pack_dump_request(socket.AF_INET, 40001, 6667, 9)
-    length, kind, flags, seq, _ = struct.unpack_from("=IHHII", data)
-    assert (length, kind, flags, seq) == (len(data), 20, 0x301, 9)
-    family, protocol, _, _, states = struct.unpack_from("=BBBBI", data, 16)
-    assert (family, protocol, states) == (
-        socket.AF_INET,
-        socket.IPPROTO_TCP,
-        0xFFFFFFFF & ~(1 << 10),
-    )
-    attribute = data[16 + 56 :]
-    assert struct.unpack_from("=HH", attribute) == (4 + 32, 1)
-    ops = [struct.unpack_from("=BBH", attribute, 4 + 4 * i) for i in range(8)]
-    assert ops == [(2, 8, 36), (0, 0, 40001), (3, 8, 28), (0, 0, 40001)] + [
-        (4, 8, 20),
+def _run_bytecode(code: bytes, sport: int, dport: int, ran: list[int] | None = None) -> bool:
+    """inet_diag_bc_run of linux/net/ipv4/inet_diag.c, for the ops pairs_bytecode uses:
+    whether a socket with these ports is kept (`ran`: the offsets of the ops run)."""
+    at, left = 0, len(code)
+    while left > 0:
+        if ran is not None:
+            ran.append(at)
+        op, yes, no = struct.unpack_from("=BBH", code, at)
+        port = struct.unpack_from("=BBH", code, at + 4)[2] if op != 1 else 0
+        passed = {
+            1: False,  # INET_DIAG_BC_JMP: always `no`
+            2: sport >= port,
+            3: sport <= port,
+            4: dport >= port,
+            5: dport <= port,
+        }[op]
+        step = yes if passed else no
+        at, left = at + step, left - step
+    return left == 0
+
+
+def _audit_bytecode(code: bytes) -> None:
+    """inet_diag_bc_audit's rules for these ops: every offset a multiple of 4 and no
+    further than 4 past the end, each jump inside the code landing on an op that the
+    chain of `yes` offsets from the start reaches."""
+    on_chain, at = set(), 0
+    while at < len(code):
+        on_chain.add(at)
+        at += struct.unpack_from("=BBH", code, at)[1]
+    assert at == len(code)
+    for at in sorted(on_chain):
+        op, yes, no = struct.unpack_from("=BBH", code, at)
+        left = len(code) - at
+        least = 4 if op == 1 else 8
+        for offset in (yes, no):
+            assert offset >= least and offset % 4 == 0 and offset <= left + 4, (at, offset)
+        if no < left:
+            assert at + no in on_chain, (at, no)
+
+
+def test_pairs_bytecode_keeps_exactly_the_pairs_asked_for() -> None:
+    """Per pair four port conditions and a jump to the end: a socket is kept when its
+    (local port, remote port) is one of the pairs, and the code passes the kernel's
+    audit, for one pair and for the most a dump asks for."""
+    from procident.lookup.netlink import MAX_PAIRS, pairs_bytecode
+
+    one = pairs_bytecode([(40001, 6667)])
+    assert struct.unpack_from("=HH", one) == (4 + 36, 1)  # INET_DIAG_REQ_BYTECODE
+    ops = [struct.unpack_from("=BBH", one, 4 + 4 * i) for i in range(9)]
+    assert ops == [
+        (2, 8, 40),
+        (0, 0, 40001),
+        (3, 8, 32),
+        (0, 0, 40001),
+        (4, 8, 24),
         (0, 0, 6667),
-        (5, 8, 12),
+        (5, 8, 16),
         (0, 0, 6667),
+        (1, 4, 4),  # the jump: to the end, accepted
     ]
+    pairs = [(1000 + 7 * i, 6660 + i % 5) for i in range(MAX_PAIRS)]
+    for asked in ([(40001, 6667)], pairs[:2], pairs):
+        code = pairs_bytecode(asked)[4:]
+        _audit_bytecode(code)
+        for sport, dport in asked:
+            assert _run_bytecode(code, sport, dport)
+        others = [(s + 1, d) for s, d in asked] + [(s, d + 5) for s, d in asked]
+        assert not any(_run_bytecode(code, s, d) for s, d in others if (s, d) not in asked)
+    with pytest.raises(ValueError):
+        pairs_bytecode([])
+    with pytest.raises(ValueError):
+        pairs_bytecode(pairs + [(1, 2)])
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 12), st.integers(0, 6)).map(lambda p: (40000 + p[0], p[1])),
+        min_size=1,
+        max_size=64,
+    )
+)
+def test_pairs_bytecode_is_a_search_tree_that_keeps_exactly_the_pairs(pairs) -> None:
+    """Any pairs, local ports shared by several remote ports, repeated: the kernel's
+    audit passes, and every socket of the port grid around them is kept exactly when
+    its pair was asked for; a socket meets at most log2(local ports) + 1 tree nodes
+    before its port's conditions (the code is a tree, not a chain)."""
+    from procident.lookup.netlink import pairs_bytecode
+
+    code = pairs_bytecode(pairs)[4:]
+    _audit_bytecode(code)
+    wanted = set(pairs)
+    local_ports = {local for local, _ in wanted}
+    # 36 bytes per pair (four conditions and a jump), 8 per tree node
+    assert len(code) == 36 * len(wanted) + 8 * (len(local_ports) - 1)
+    most = max(sum(1 for local, _ in wanted if local == port) for port in local_ports)
+    depth = math.ceil(math.log2(len(local_ports))) if len(local_ports) > 1 else 0
+    for sport in range(39999, 40014):
+        for dport in range(8):
+            ran: list[int] = []
+            assert _run_bytecode(code, sport, dport, ran) == ((sport, dport) in wanted)
+            assert len(ran) <= depth + 5 * most
+
+
+def test_pack_pairs_dump() -> None:
+    """The first request type (TCPDIAG_GETSOCK, 18) as a dump, family unspecified (both
+    at once), every state but LISTEN, then the bytecode."""
+    from procident.lookup.netlink import pack_pairs_dump, pairs_bytecode
+
+    data = pack_pairs_dump([(40001, 6667), (40002, 6697)], 9)
+    length, kind, flags, seq, _ = struct.unpack_from("=IHHII", data)
+    assert (length, kind, flags, seq) == (len(data), 18, 0x301, 9)
+    assert struct.unpack_from("=BBBB", data, 16) == (socket.AF_UNSPEC, 0, 0, 0)
+    states, tables = struct.unpack_from("=II", data, 16 + 4 + 48)
+    assert (states, tables) == (0xFFFFFFFF & ~(1 << 10), 0)
+    assert data[16 + 60 :] == pairs_bytecode([(40001, 6667), (40002, 6697)])
 
 
 def test_unpack_dump_entries_done_and_errors() -> None:
@@ -300,7 +395,8 @@ def test_unpack_dump_entries_done_and_errors() -> None:
     b = diag_msg(
         socket.AF_INET, 6, bytes([192, 0, 2, 1]), 40001, bytes([203, 0, 113, 6]), 6667, 0, 0
     )
-    entries, done = unpack_dump(nlmsg(20, 5, a) + nlmsg(20, 5, b) + nlmsg(20, 4, a), 5)
+    # (type 18: the first request type's dump answers with its own type)
+    entries, done = unpack_dump(nlmsg(20, 5, a) + nlmsg(18, 5, b) + nlmsg(20, 4, a), 5)
     assert not done and [(e.remote.address.exploded, e.uid, e.owned) for e in entries] == [
         ("203.0.113.5", 1000, True),
         ("203.0.113.6", 0, False),
@@ -353,6 +449,55 @@ def test_find_any_remote_agrees_with_procfs_and_is_shared_in_a_batch() -> None:
             first = backend.find_any_remote(local, made[0].local[1])
             assert backend.find_any_remote(local, made[0].local[1]) is first
         assert backend.find_any_remote(local, made[0].local[1]) is not first
+    backend.close()
+
+
+@requires_root
+@pytest.mark.parametrize("one_walk", [True, False])
+def test_a_batchs_gateway_searches_share_one_dump_per_64_pairs(one_walk) -> None:
+    """prefetch_any_remote with 70 (local end, remote port) asks, some on no connection,
+    IPv4, IPv6 and one from a dual-stack socket, ten of them asked twice: the
+    searches that follow in the batch give what /proc gives, and the kernel walked its
+    table of connections twice (70 pairs, 64 to a dump), or four times with one dump
+    per family (where the kernel refuses the first request type); alone, a search
+    walks it again."""
+    backend = NetlinkBackend()
+    backend.one_walk = one_walk
+    with contextlib.ExitStack() as stack:
+        made = [
+            stack.enter_context(owned_connection(1, ("127.0.0.1", 0), "127.0.0.2")),
+            stack.enter_context(owned_connection(2, ("::1", 0), "::1", socket.AF_INET6)),
+            stack.enter_context(
+                owned_connection(65534, ("127.0.0.1", 0), "::ffff:127.0.0.4", socket.AF_INET6)
+            ),
+        ]
+        service = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+        peers = []
+        for _ in range(60):
+            client = stack.enter_context(socket.create_connection(service.getsockname()))
+            stack.enter_context(service.accept()[0])
+            peers.append(client.getsockname()[1])
+        tcp6 = Path("/proc/net/tcp6").read_text()
+        tcp4 = Path("/proc/net/tcp").read_text()
+        asks = [
+            (Endpoint(normalize_address(_v(c.remote[0])), c.remote[1]), c.local[1]) for c in made
+        ]
+        here = Endpoint(_v("127.0.0.1"), service.getsockname()[1])
+        asks += [(here, port) for port in peers]
+        asks += [(here, 1), (here, 2), (Endpoint(_v("::1"), here.port), 3)]  # none there
+        assert len(asks) == 66 and len({a for a in asks}) == 66
+        asks += [(here, 4), (here, 5), (here, 6), (here, 7)]
+        with backend.batch():
+            backend.prefetch_any_remote([*asks, *asks[:10]])
+            assert backend.walks == (2 if one_walk else 4)
+            got = [backend.find_any_remote(local, port) for local, port in asks]
+            assert backend.walks == (2 if one_walk else 4)  # shared: no dump more
+        want = [find_any_remote(local, port, tcp4, tcp6) for local, port in asks]
+        assert [sorted(map(_seen, g)) for g in got] == [sorted(map(_seen, w)) for w in want]
+        assert [bool(g) for g in got] == [True] * 63 + [False] * 7
+        assert backend.one_walk is one_walk
+        backend.find_any_remote(*asks[0])
+        assert backend.walks == (3 if one_walk else 6)  # alone: a search of its own
     backend.close()
 
 

@@ -4,17 +4,19 @@ responder's choices between forward and map, gateways' queries, and the loop gua
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
 import random
+import socket
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import tomllib
-from conftest import DictBackend
+from conftest import DictBackend, requires_root
 from hypothesis import given
 from hypothesis import strategies as st
 from test_server import Clock, connect, pump, received
@@ -376,3 +378,50 @@ def test_loop_guard(caplog: pytest.LogCaptureFixture) -> None:
     assert "query=61000,6667" in rules[2] and rules[2].endswith(": answered")
     assert server.nat_asking == 0
     assert len(table.searches) == 3
+
+
+@requires_root
+def test_a_turns_gateway_queries_share_one_search_of_the_kernel() -> None:
+    """40 queries from a gateway (127.0.0.9), all in one turn of the daemon's loop, about
+    four inner connections of three owners and four port pairs on none: each is
+    answered for its own connection, in one turn, and the kernel's table was walked
+    once for all of them (one dump), not once per query."""
+    from harness import owned_connection
+
+    from procident.lookup.netlink import NetlinkBackend
+
+    conf = config(
+        '[nat]\ngateways = ["127.0.0.9/32"]\n[[rules]]\nname = "all"\naction = "numeric"\n'
+    )
+    backend = NetlinkBackend()
+    listener = open_listeners((Endpoint(ipaddress.IPv4Address("127.0.0.2"), 0),))
+    server = Server(conf, Responder(backend, conf), listener)
+    owners = [1, 2, 65534, 2]
+    with contextlib.ExitStack() as stack:
+        inner = [
+            stack.enter_context(owned_connection(uid, ("127.0.0.1", 0), "127.0.0.2"))
+            for uid in owners
+        ]
+        asked = [
+            (c.local[1], c.remote[1], str(uid)) for c, uid in zip(inner, owners, strict=True)
+        ] * 9
+        asked += [(c.local[1], c.remote[1] + 1, None) for c in inner]  # no such pair
+        clients = []
+        for port, service, _ in asked:
+            client = socket.socket()
+            client.bind(("127.0.0.9", 0))
+            client.connect(server.listeners[0].getsockname())
+            client.sendall(b"%d,%d\r\n" % (port, service))
+            clients.append(stack.enter_context(client))
+        time.sleep(0.05)  # every query in the kernel's queue before the one turn
+        server.step(timeout=1.0)
+        for client, (port, service, uid) in zip(clients, asked, strict=True):
+            client.settimeout(5.0)
+            reply = client.recv(600).decode()
+            if uid is None:
+                assert reply == f"{port},{service}:ERROR:NO-USER\r\n"
+            else:
+                assert reply == f"{port},{service}:USERID:OTHER:{uid}\r\n"
+        assert backend.walks == 1
+    server.close()
+    backend.close()

@@ -175,6 +175,8 @@ class ExplodingResponder:
         self.config = config
         self.inner = Responder(DictBackend({}), config)
         self.batch = self.inner.batch
+        self.from_gateway = self.inner.from_gateway
+        self.prepare = self.inner.prepare
 
     def respond(self, query: Query, conn: ConnectionId, now: float) -> Answer:
         if query.server_port == 666:
