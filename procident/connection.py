@@ -39,6 +39,7 @@ class Connection:
         "retry_at",
         "race_until",
         "fallback",
+        "looked",
     )
 
     def __init__(
@@ -56,6 +57,9 @@ class Connection:
         self.session = session
         self.output = bytearray()  # replies the kernel has not taken yet
         self.events = 0  # the selector events registered (0: not registered)
+        # Read again at the next turn before it is registered (Server: most clients have
+        # closed by then, and a closed one needs no registering at all).
+        self.looked = False
         self.asking: Ask | None = None  # the session's Ask being answered
         self.awaiting: int | None = None  # the uid whose files the helper is reading
         self.flush_by: float | None = None  # closed: the time left to send its output
@@ -79,7 +83,7 @@ class Connection:
             return True
         # One send per reply line: libident fails on replies that come in pieces.
         try:
-            sent = self.sock.send(line)
+            sent = self.sock.send(line, socket.MSG_DONTWAIT)  # (the socket may block)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:  # reset by the client: nothing more can reach it
@@ -90,7 +94,7 @@ class Connection:
     def flush(self) -> bool:
         """Send what is kept, as much as the kernel takes."""
         try:
-            sent = self.sock.send(self.output)
+            sent = self.sock.send(self.output, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:  # reset by the client

@@ -85,6 +85,7 @@ class Server:
         # Connections over their client's cap that have not asked yet, oldest first.
         self.unasked: dict[Connection, None] = {}
         self.deadlines = Deadlines()  # when to tick each session
+        self.later: list[Connection] = []  # connections to read next turn (see _pump)
         # Asks answered later: forwards, the user-file helper, a bouncer's late block.
         self.answering = Answering(
             responder,
@@ -125,13 +126,17 @@ class Server:
         wait = self._timeout()
         if timeout is not None:
             wait = timeout if wait is None else min(wait, timeout)
-        events = self.selector.select(wait)
+        later, self.later = self.later, []
+        events = self.selector.select(0 if later else wait)
         hold_lines()  # the turn's answer lines go out in one write
         try:
             # The queries of one turn may share a table read; gateways' wait for its end.
             with self.responder.batch(), self.answering.gathering():
                 for key, mask in events:
                     key.data(mask)
+                for conn in later:  # (see _pump) read now: closed, more, or register it
+                    if conn in self.sessions and not conn.events:
+                        self._on_event(conn, selectors.EVENT_READ)
         finally:
             release_lines()
         if self.signals.pending:
@@ -262,7 +267,10 @@ class Server:
         try:
             peer = endpoint_from_sockaddr(address)
             local = endpoint_from_sockaddr(sock.getsockname()).address
-            sock.setblocking(False)
+            if sock.gettimeout() is not None:  # (a default timeout an embedder set)
+                sock.setblocking(False)
+            # Else the socket stays blocking, and every recv and send says MSG_DONTWAIT:
+            # the same, without an ioctl for each connection.
         except OSError:  # reset before we looked
             sock.close()
             return
@@ -349,12 +357,14 @@ class Server:
                 session = conn.session
                 if session.wants_read(len(conn.output)):  # else: closing, or queries wait
                     try:
-                        data = conn.sock.recv(RECV_SIZE)
+                        data = conn.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
                     except (BlockingIOError, InterruptedError):
                         pass
                     except OSError:
                         self._close(conn)
                     else:
+                        if data:
+                            conn.looked = False  # (see _pump) progress: it may wait again
                         session.receive_data(data, self.clock())  # b"": the client is done
             if conn in self.sessions:
                 self._pump(conn)
@@ -407,13 +417,24 @@ class Server:
         if events != conn.events:
             # The callback is made here, not kept on the connection: that would be a
             # reference cycle, left to the cyclic garbage collector for every connection.
-            if not events:
-                self.selector.unregister(conn.sock)
-            elif not conn.events:
-                self.selector.register(conn.sock, events, functools.partial(self._on_event, conn))
+            if events == selectors.EVENT_READ and not conn.events and not conn.looked:
+                # It waits for its client (who reads the answer and closes, as a rule):
+                # read it again next turn, which comes at once, before registering it.
+                # Most have closed by then: no epoll_ctl to add it, none to remove it.
+                # Once per chunk of input: a client that sends nothing more is
+                # registered at the next turn, so an idle one never spins the loop.
+                conn.looked = True
+                self.later.append(conn)
             else:
-                self.selector.modify(conn.sock, events, functools.partial(self._on_event, conn))
-            conn.events = events
+                if not events:
+                    self.selector.unregister(conn.sock)
+                elif not conn.events:
+                    callback = functools.partial(self._on_event, conn)
+                    self.selector.register(conn.sock, events, callback)
+                else:
+                    callback = functools.partial(self._on_event, conn)
+                    self.selector.modify(conn.sock, events, callback)
+                conn.events = events
         if conn.retry_at is not None:
             deadline: float | None = conn.retry_at
         else:

@@ -99,6 +99,61 @@ def server_factory():
         server.close()
 
 
+class CountingSelector:
+    """Wraps a server's selector (Server.selector) and counts what it registers."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.registered: list[object] = []
+
+    def register(self, fileobj, events, data=None):
+        self.registered.append(fileobj)
+        return self.inner.register(fileobj, events, data)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_client_that_closes_once_answered_is_never_registered(server_factory) -> None:
+    """The common case (connect, ask, read, close) costs no selector registration: the
+    query is read in the accepting turn, and the answered connection is read again at
+    the next turn, which comes at once, before being registered; by then its client
+    has closed. Nothing is lost: the answer came, the connection is closed."""
+    server, _ = server_factory()
+    counting = server.selector = CountingSelector(server.selector)
+    client = connect(server)
+    client.send(b"1,1\r\n")
+    time.sleep(0.05)  # the query in the kernel's queue before the accepting turn
+    server.step(timeout=1.0)
+    assert received(client) == b"1,1:ERROR:NO-USER\r\n"
+    client.close()
+    server.step(timeout=5.0)  # does not wait: the turn is due at once
+    assert not server.connections
+    assert counting.registered == []
+
+
+def test_a_client_that_stays_is_registered_and_answered_later(server_factory) -> None:
+    """A client that keeps its connection after the first answer is registered at the
+    next turn (one look, then it waits like any other: no loop spins for it), and its
+    second query, sent later, is answered within a turn of its coming."""
+    server, _ = server_factory()
+    counting = server.selector = CountingSelector(server.selector)
+    client = connect(server)
+    client.send(b"1,1\r\n")
+    pump(server, 3)
+    assert received(client) == b"1,1:ERROR:NO-USER\r\n"
+    assert len(counting.registered) == 1 and server.connections == 1
+    client.send(b"2,2\r\n")
+    reply = b""
+    for _ in range(3):  # each turn waits for an event; the query is one
+        server.step(timeout=5.0)
+        reply += received(client) or b""
+        if reply:
+            break
+    assert reply == b"2,2:ERROR:NO-USER\r\n"
+    assert len(counting.registered) == 1
+
+
 def test_output_bound_stops_reading_then_resumes(server_factory) -> None:
     """A client that does not read has at most MAX_OUTPUT (+ one reply) pending and is not
     read; once it reads, the rest is answered in order, exactly once each."""
