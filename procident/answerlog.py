@@ -146,6 +146,9 @@ class _Held:
     def __init__(self) -> None:
         self.holding = False
         self.streams: set[FastInfo] = set()
+        # Each logger's FastInfo (or None) for this turn: no handler changes within one
+        # (a reload comes between turns), so it is looked for once a turn, not per line.
+        self.fast: dict[str, FastInfo | None] = {}
 
 
 _HELD = _Held()
@@ -154,11 +157,13 @@ _HELD = _Held()
 def hold_lines() -> None:
     """From now until release_lines, answer lines wait in their stream's buffer."""
     _HELD.holding = True
+    _HELD.fast.clear()
 
 
 def release_lines() -> None:
     """Flush the answer lines held since hold_lines."""
     _HELD.holding = False
+    _HELD.fast.clear()
     while _HELD.streams:
         # A log that cannot be written never stops the loop (nor an answer): as
         # logging's handlers do, the lines are lost and serving goes on.
@@ -171,17 +176,26 @@ _FAST: dict[str, tuple[tuple[object, ...], FastInfo | None]] = {}
 
 
 def _fast(logger: logging.Logger) -> FastInfo | None:
-    """The logger's FastInfo, made again whenever its handlers (or theirs) change."""
-    chain: list[object] = [logger.filters]
+    """The logger's FastInfo, made again whenever its handlers (or theirs) change (looked
+    for once per turn of the daemon's loop, while lines are held)."""
+    held = _HELD.fast if _HELD.holding else None
+    if held is not None and logger.name in held:
+        return held[logger.name]
+    # (Filters as tuples: a list in the key is the list itself, so a filter added to it
+    # later would compare equal.)
+    chain: list[object] = [tuple(logger.filters)]
     current: logging.Logger | None = logger
     while current is not None:
         chain += (current.propagate, *current.handlers)
         for handler in current.handlers:
             chain += (getattr(handler, "stream", None), handler.formatter, handler.level)
+            chain.append(tuple(handler.filters))
         current = current.parent if current.propagate else None
     key = tuple(chain)
     made = _FAST.get(logger.name)
     if made is None or made[0] != key:
         made = (key, FastInfo.for_logger(logger))
         _FAST[logger.name] = made
+    if held is not None:
+        held[logger.name] = made[1]
     return made[1]

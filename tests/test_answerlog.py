@@ -111,6 +111,35 @@ def test_held_lines_are_flushed_once_in_order(logger) -> None:
     assert stream.flushes == flushes + 1
 
 
+def test_a_handler_changed_between_turns_is_seen_at_the_next(logger) -> None:
+    """Which way a line goes is looked for once a turn: a filter added between two
+    turns (as a reload does, between them) sends the next turn's lines through the
+    logging module, and taking it away brings the fast way back."""
+    child, stream, handler = logger
+    seen: list[logging.LogRecord] = []
+
+    def turn() -> None:
+        answerlog.hold_lines()
+        try:
+            answerlog.log_answer(child, *ANSWERS[0])
+            answerlog.log_answer(child, *ANSWERS[1])
+        finally:
+            answerlog.release_lines()
+
+    def keep(record: logging.LogRecord) -> bool:
+        seen.append(record)
+        return True
+
+    turn()
+    assert seen == [] and stream.getvalue().count("\n") == 2
+    handler.addFilter(keep)
+    turn()
+    assert len(seen) == 2 and stream.getvalue().count("\n") == 4
+    handler.removeFilter(keep)
+    turn()
+    assert len(seen) == 2 and stream.getvalue().count("\n") == 6
+
+
 class Broken(io.StringIO):
     """A stream that fails as a full disk or a closed pipe does."""
 

@@ -294,13 +294,14 @@ def _entry(body: bytes, asked: tuple[Endpoint, Endpoint] | None = None) -> Socke
     return SocketEntry(
         local=local or Endpoint(_address(family, src), sport),
         remote=remote or Endpoint(_address(family, dst), dport),
-        state=TcpState(state),
+        state=_STATES.get(state) or TcpState(state),  # (ValueError for no such state)
         uid=uid,
         inode=inode,
         source=SOURCE,
     )
 
 
+_STATES = {int(state): state for state in TcpState}  # a dict is cheaper than TcpState()
 MAX_DUMP_ENTRIES = 4096  # sockets one dump may bring back: bounded
 
 
