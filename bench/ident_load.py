@@ -308,6 +308,12 @@ def run_constant_server(port: int) -> None:
 
             return contextlib.nullcontext()
 
+        def from_gateway(self, conn):  # type: ignore[no-untyped-def]
+            return False  # (no [nat] gateways: no query waits for the end of a turn)
+
+        def prepare(self, conns):  # type: ignore[no-untyped-def]
+            pass
+
         def respond(self, query, conn, now):  # type: ignore[no-untyped-def]
             reply = UserIdReply("constant", "OTHER")
             return Answer(
