@@ -70,6 +70,8 @@ _NOWHERE4 = Endpoint(ipaddress.IPv4Address("0.0.0.0"), 0)
 _NOWHERE6 = Endpoint(ipaddress.IPv6Address("::"), 0)
 _ANY4, _ANY6 = ipaddress.IPv4Address("0.0.0.0"), ipaddress.IPv6Address("::")
 _MSG_SIZE = _MSG_HEAD.size + _SOCKID_ADDRESSES.size + _SOCKID_TAIL.size + _MSG_TAIL.size
+_MSG_TAIL_AT = _MSG_HEAD.size + _SOCKID_ADDRESSES.size + _SOCKID_TAIL.size
+_EXACT_SIZE = _HEADER.size + _MSG_SIZE  # the least a datagram with one entry holds
 
 
 _AF_INET, _AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)  # not enums: per query
@@ -90,11 +92,14 @@ _REQUEST_SIZE = _HEADER.size + _REQUEST_HEAD.size + _SOCKID_ADDRESSES.size + _SO
 
 def pack_request(local: Endpoint, remote: Endpoint, seq: int) -> bytes:
     """A SOCK_DIAG_BY_FAMILY request for the TCP socket local <-> remote."""
+    return _pack_exact(local, remote, local.address.packed, remote.address.packed, seq)
+
+
+def _pack_exact(
+    local: Endpoint, remote: Endpoint, local_packed: bytes, remote_packed: bytes, seq: int
+) -> bytes:
     addresses = _SOCKID_ADDRESSES.pack(
-        local.port,
-        remote.port,
-        local.address.packed.ljust(16, b"\0"),
-        remote.address.packed.ljust(16, b"\0"),
+        local.port, remote.port, local_packed.ljust(16, b"\0"), remote_packed.ljust(16, b"\0")
     )
     header = _HEADER.pack(_REQUEST_SIZE, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0)
     return header + _HEADS[_family(local.address)] + addresses + _TAIL
@@ -123,15 +128,26 @@ def _messages(data: bytes, seq: int) -> Iterator[tuple[int, bytes]]:
 
 
 def unpack_response(
-    data: bytes, seq: int, asked: tuple[Endpoint, Endpoint] | None = None
+    data: bytes,
+    seq: int,
+    asked: tuple[Endpoint, Endpoint] | None = None,
+    packed: tuple[bytes, bytes] | None = None,
 ) -> SocketEntry | None | bool:
     """Read the kernel's answer to request `seq` from one datagram.
 
     Returns the socket entry, None when the kernel says there is no such
     socket (ENOENT), or False when the datagram holds no message for `seq`
     (a late answer to an earlier request). ValueError: malformed data;
-    OSError: the kernel refused the request. `asked`: see _entry.
+    OSError: the kernel refused the request. `asked`, `packed`: see _entry.
     """
+    if len(data) >= _EXACT_SIZE:  # the usual answer, read in place: its first message
+        length, kind, _flags, message_seq, _port = _HEADER.unpack_from(data)
+        if (
+            kind == SOCK_DIAG_BY_FAMILY
+            and message_seq == seq
+            and _EXACT_SIZE <= length <= len(data)
+        ):
+            return _entry(data, asked, _HEADER.size, packed)
     for kind, body in _messages(data, seq):
         if kind == NLMSG_ERROR:
             (code,) = _ERROR.unpack_from(body)
@@ -276,20 +292,27 @@ def unpack_dump(data: bytes, seq: int) -> tuple[list[SocketEntry], bool]:
     return entries, False
 
 
-def _entry(body: bytes, asked: tuple[Endpoint, Endpoint] | None = None) -> SocketEntry:
-    """The socket of one inet_diag_msg. With `asked` (the ends an exact request named),
-    an end the kernel gives back byte for byte is that Endpoint itself, not a new one
-    parsed from the bytes: the same value, without building two addresses per lookup."""
-    family, state, _timer, _retrans = _MSG_HEAD.unpack_from(body)
-    sport, dport, src, dst = _SOCKID_ADDRESSES.unpack_from(body, _MSG_HEAD.size)
-    tail = _MSG_HEAD.size + _SOCKID_ADDRESSES.size + _SOCKID_TAIL.size
-    _expires, _rqueue, _wqueue, uid, inode = _MSG_TAIL.unpack_from(body, tail)
+def _entry(
+    body: bytes,
+    asked: tuple[Endpoint, Endpoint] | None = None,
+    at: int = 0,
+    packed: tuple[bytes, bytes] | None = None,
+) -> SocketEntry:
+    """The socket of the inet_diag_msg at offset `at` of `body`. With `asked` (the ends
+    an exact request named; `packed`: their addresses' bytes, if at hand), an end the
+    kernel gives back byte for byte is that Endpoint itself, not a new one parsed from
+    the bytes: the same value, without building two addresses per lookup."""
+    family, state, _timer, _retrans = _MSG_HEAD.unpack_from(body, at)
+    sport, dport, src, dst = _SOCKID_ADDRESSES.unpack_from(body, at + _MSG_HEAD.size)
+    _expires, _rqueue, _wqueue, uid, inode = _MSG_TAIL.unpack_from(body, at + _MSG_TAIL_AT)
     local = remote = None
     if asked is not None and family == _family(asked[0].address):
         size = 4 if family == _AF_INET else 16
-        if sport == asked[0].port and src[:size] == asked[0].address.packed:
+        if packed is None:
+            packed = (asked[0].address.packed, asked[1].address.packed)
+        if sport == asked[0].port and src[:size] == packed[0]:
             local = asked[0]
-        if dport == asked[1].port and dst[:size] == asked[1].address.packed:
+        if dport == asked[1].port and dst[:size] == packed[1]:
             remote = asked[1]
     return SocketEntry(
         local=local or Endpoint(_address(family, src), sport),
@@ -515,10 +538,11 @@ class NetlinkBackend:
 
     def _ask(self, local: Endpoint, remote: Endpoint) -> SocketEntry | None:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
+        packed = (local.address.packed, remote.address.packed)  # (computed, not stored)
         try:
-            self._sock.send(pack_request(local, remote, self._seq))
+            self._sock.send(_pack_exact(local, remote, packed[0], packed[1], self._seq))
             while True:
-                result = unpack_response(self._recv(), self._seq, (local, remote))
+                result = unpack_response(self._recv(), self._seq, (local, remote), packed)
                 if result is not False:
                     return result  # type: ignore[return-value]
         except (OSError, ValueError) as err:
