@@ -107,7 +107,10 @@ class Answering:
         finally:
             gathered, self.gathered = self.gathered, None
             if gathered:
-                self.responder.prepare([ident for _, ident in gathered])
+                try:
+                    self.responder.prepare([ident for _, ident in gathered])
+                except Exception:  # a bug: each query then searches alone, none is lost
+                    log.exception("unexpected error preparing %d gateway queries", len(gathered))
                 for conn, _ in gathered:
                     if self.alive(conn) and conn.asking is not None:
                         self.proceed(conn, self.resolve)

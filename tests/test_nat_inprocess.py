@@ -425,3 +425,46 @@ def test_a_turns_gateway_queries_share_one_search_of_the_kernel() -> None:
         assert backend.walks == 1
     server.close()
     backend.close()
+
+
+class PrepareBug(Responder):
+    """A responder whose gathering of a turn's gateway queries has a bug."""
+
+    def prepare(self, conns: list[ConnectionId]) -> None:
+        raise RuntimeError("bug in prepare")
+
+
+def test_a_bug_gathering_gateway_queries_costs_no_answer(caplog) -> None:
+    """The gateway queries of a turn wait for its end; if preparing their shared search
+    fails unexpectedly, it is logged with its traceback, every one of them is still
+    answered (each searching alone), and the loop serves on."""
+    listener = open_listeners((Endpoint(ipaddress.IPv4Address("127.0.0.1"), 0),))
+    conf = config('[nat]\ngateways = ["127.0.0.1/32"]\n')
+    searched = []
+
+    def sockets(local, port):
+        searched.append((local, port))
+        return [entry("198.51.100.7", 1000)]
+
+    made = PrepareBug(DictBackend({}), conf, {1000: "alice"}.get, any_remote=sockets)
+    server = Server(conf, made, listener, clock=Clock())
+    clients = [connect(server) for _ in range(3)]
+    for number, client in enumerate(clients):
+        client.send(b"%d,6667\r\n" % (40001 + number))
+    replies = [b""] * 3
+    with caplog.at_level(logging.ERROR, logger="procident"):
+        for _ in range(50):  # bounded: waits for the answers, not for a time
+            pump(server, 1)
+            replies = [r + (received(c) or b"") for r, c in zip(replies, clients, strict=True)]
+            if all(r.endswith(b"\n") for r in replies):
+                break
+    assert replies == [b"%d,6667:USERID:UNIX:alice\r\n" % (40001 + n) for n in range(3)]
+    assert len(searched) == 3
+    assert "unexpected error preparing" in caplog.text and "RuntimeError: bug" in caplog.text
+    late = connect(server)
+    late.send(b"40009,6667\r\n")
+    pump(server, 3)
+    assert received(late) == b"40009,6667:USERID:UNIX:alice\r\n"
+    for client in [*clients, late]:
+        client.close()
+    server.close()
