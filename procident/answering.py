@@ -1,7 +1,9 @@
 """How the selectors daemon answers a session's Ask, without waiting: from the responder
 at once, or once another ident server (a forward), the user-file helper, or a bouncer
-writing the owner's file late (responder.FILE_RACE_WAIT) has answered. Part of the
-daemon's driver (server.py); the session's rules stay the session's.
+writing the owner's file late (responder.FILE_RACE_WAIT) has answered; a NAT gateway's
+at the end of the loop's turn, with the turn's other gateway queries (one search of the
+kernel's table for all). Part of the daemon's driver (server.py); the session's rules
+stay the session's.
 """
 
 from __future__ import annotations
