@@ -501,6 +501,34 @@ def test_a_batchs_gateway_searches_share_one_dump_per_64_pairs(one_walk) -> None
     backend.close()
 
 
+@requires_root
+def test_a_failed_one_walk_dump_is_done_per_family_and_not_given_up(monkeypatch) -> None:
+    """When the dump of both families fails for any reason but the kernel refusing its
+    type (here: more sockets than a dump may bring back), the search is done again
+    with one dump per family and succeeds, and the next search still tries one walk
+    first."""
+    from procident.lookup import netlink
+
+    monkeypatch.setattr(netlink, "MAX_DUMP_ENTRIES", 3)
+    backend = NetlinkBackend()
+    with contextlib.ExitStack() as stack:
+        asks = []
+        for host, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+            service = stack.enter_context(socket.create_server((host, 0), family=family))
+            for _ in range(2):
+                client = stack.enter_context(socket.create_connection(service.getsockname()[:2]))
+                stack.enter_context(service.accept()[0])
+                local = Endpoint(_v(host), service.getsockname()[1])
+                asks.append((local, client.getsockname()[1]))
+        with backend.batch():
+            backend.prefetch_any_remote(asks)  # 4 sockets in one walk: too many
+            assert backend.walks == 3 and backend.one_walk  # then 2 and 2, per family
+            assert all(len(backend.find_any_remote(*ask)) == 1 for ask in asks)
+        assert len(backend.find_any_remote(*asks[0])) == 1
+        assert backend.walks == 4 and backend.one_walk  # one walk again, 1 socket
+    backend.close()
+
+
 def _v(text: str):
     return ipaddress.ip_address(text)
 

@@ -324,6 +324,7 @@ def _entry(
     )
 
 
+_NO_SUCH_TYPE = (errno.EOPNOTSUPP, errno.EINVAL)  # sock_diag's answer to a type it lacks
 _STATES = {int(state): state for state in TcpState}  # a dict is cheaper than TcpState()
 MAX_DUMP_ENTRIES = 4096  # sockets one dump may bring back: bounded
 
@@ -449,22 +450,25 @@ class NetlinkBackend:
     def _dump_pairs(self, pairs: list[tuple[int, int]]) -> list[SocketEntry]:
         """The non-listening sockets of both families on any of these port pairs: one
         dump of the first request type; one SOCK_DIAG_BY_FAMILY dump per family where
-        the kernel refuses that type (then never asked again)."""
-        refused: LookupFailed | None = None
+        that fails, and from then on where the kernel refuses the type itself."""
+        refused = False
         if self.one_walk:
             self._seq = (self._seq + 1) & 0xFFFFFFFF
             self.walks += 1
             try:
                 return self._dumped(pack_pairs_dump(pairs, self._seq))
             except LookupFailed as err:
-                refused = err
+                # EOPNOTSUPP or EINVAL: no such request type here. Anything else (too
+                # many sockets, no answer in time) may pass the other way this once.
+                cause = err.__cause__
+                refused = isinstance(cause, OSError) and cause.errno in _NO_SUCH_TYPE
         attribute = pairs_bytecode(pairs)
         entries: list[SocketEntry] = []
         for family in (_AF_INET, _AF_INET6):
             self._seq = (self._seq + 1) & 0xFFFFFFFF
             self.walks += 1
             entries += self._dumped(pack_states_dump(family, _NOT_LISTENING, self._seq, attribute))
-        if refused is not None:  # the kernel answers these but not the first type
+        if refused:  # the kernel answers these but not the first type
             self.one_walk = False
         return entries
 
