@@ -172,7 +172,11 @@ INET_DIAG_REQ_BYTECODE = 1
 _BC_OP = struct.Struct("=BBH")
 _BC_JMP, _BC_S_GE, _BC_S_LE, _BC_D_GE, _BC_D_LE = 1, 2, 3, 4, 5
 _ATTR = struct.Struct("=HH")
-_NOT_LISTENING = ALL_STATES & ~(1 << TcpState.LISTEN)
+# The states of a connection (linux/net/tcp_states.h: ESTABLISHED 1 to NEW_SYN_RECV 12),
+# LISTEN left out. Not ALL_STATES: its bit 13, BOUND_INACTIVE (sockets bound and never
+# connected, with no remote port), makes the kernel walk its bind table too, a quarter
+# more time for every dump (measured: 237 against 172 us).
+_CONNECTED = sum(1 << state for state in range(1, 13)) & ~(1 << TcpState.LISTEN)
 # struct inet_diag_req (the first request type's): family, source and destination
 # prefix lengths, ext, the sockid, states, tables
 _COMPAT_HEAD = struct.Struct("=BBBB")
@@ -242,14 +246,14 @@ def pairs_bytecode(pairs: Sequence[tuple[int, int]]) -> bytes:
 
 
 def pack_pairs_dump(pairs: Sequence[tuple[int, int]], seq: int) -> bytes:
-    """One dump of the TCP sockets of both families whose (local port, remote port) is
-    one of `pairs`, listeners left out (the first request type: one walk of the
+    """One dump of the TCP connections of both families whose (local port, remote port)
+    is one of `pairs`, listeners left out (the first request type: one walk of the
     kernel's table for IPv4 and IPv6)."""
     body = (
         _COMPAT_HEAD.pack(socket.AF_UNSPEC, 0, 0, 0)
         + _SOCKID_ADDRESSES.pack(0, 0, bytes(16), bytes(16))
         + _TAIL
-        + _COMPAT_TAIL.pack(_NOT_LISTENING, 0)
+        + _COMPAT_TAIL.pack(_CONNECTED, 0)
         + pairs_bytecode(pairs)
     )
     header = _HEADER.pack(
@@ -467,7 +471,7 @@ class NetlinkBackend:
         for family in (_AF_INET, _AF_INET6):
             self._seq = (self._seq + 1) & 0xFFFFFFFF
             self.walks += 1
-            entries += self._dumped(pack_states_dump(family, _NOT_LISTENING, self._seq, attribute))
+            entries += self._dumped(pack_states_dump(family, _CONNECTED, self._seq, attribute))
         if refused:  # the kernel answers these but not the first type
             self.one_walk = False
         return entries
