@@ -386,7 +386,7 @@ def test_a_turns_gateway_queries_share_one_search_of_the_kernel() -> None:
     four inner connections of three owners and four port pairs on none: each is
     answered for its own connection, in one turn, and the kernel's table was walked
     once for all of them (one dump), not once per query."""
-    from harness import owned_connection
+    from harness import owned_connection, receive_queue, wait_for
 
     from procident.lookup.netlink import NetlinkBackend
 
@@ -413,7 +413,10 @@ def test_a_turns_gateway_queries_share_one_search_of_the_kernel() -> None:
             client.connect(server.listeners[0].getsockname())
             client.sendall(b"%d,%d\r\n" % (port, service))
             clients.append(stack.enter_context(client))
-        time.sleep(0.05)  # every query in the kernel's queue before the one turn
+        daemon_port = server.listeners[0].getsockname()[1]
+        wait_for(  # every query in the kernel's queue before the one turn
+            lambda: all(receive_queue(daemon_port, c.getsockname()[1]) for c in clients), 5.0
+        )
         server.step(timeout=1.0)
         for client, (port, service, uid) in zip(clients, asked, strict=True):
             client.settimeout(5.0)

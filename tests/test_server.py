@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import pytest
 from conftest import DictBackend
+from harness import receive_queue, wait_for
 
 from procident.config import Config, LimitsConfig
 from procident.connection import MAX_OUTPUT
@@ -123,7 +124,8 @@ def test_a_client_that_closes_once_answered_is_never_registered(server_factory) 
     counting = server.selector = CountingSelector(server.selector)
     client = connect(server)
     client.send(b"1,1\r\n")
-    time.sleep(0.05)  # the query in the kernel's queue before the accepting turn
+    port = server.listeners[0].getsockname()[1]
+    wait_for(lambda: receive_queue(port, client.getsockname()[1]), 5.0)  # before the turn
     server.step(timeout=1.0)
     assert received(client) == b"1,1:ERROR:NO-USER\r\n"
     client.close()
