@@ -355,8 +355,8 @@ def test_pairs_bytecode_keeps_exactly_the_pairs_asked_for() -> None:
 def test_pairs_bytecode_is_a_search_tree_that_keeps_exactly_the_pairs(pairs) -> None:
     """Any pairs, local ports shared by several remote ports, repeated: the kernel's
     audit passes, and every socket of the port grid around them is kept exactly when
-    its pair was asked for; a socket meets at most log2(local ports) + 1 tree nodes
-    before its port's conditions (the code is a tree, not a chain)."""
+    its pair was asked for; a socket meets at most ceil(log2(local ports)) tree
+    nodes, then at most five ops per pair of one local port (a tree, not a chain)."""
     from procident.lookup.netlink import pairs_bytecode
 
     code = pairs_bytecode(pairs)[4:]

@@ -11,6 +11,7 @@ import logging
 import socket
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from conftest import DictBackend
@@ -128,10 +129,21 @@ def test_a_client_that_closes_once_answered_is_never_registered(server_factory) 
     wait_for(lambda: receive_queue(port, client.getsockname()[1]), 5.0)  # before the turn
     server.step(timeout=1.0)
     assert received(client) == b"1,1:ERROR:NO-USER\r\n"
+    client_port = client.getsockname()[1]
     client.close()
+    wait_for(lambda: _state(port, client_port) == "08", 5.0)  # CLOSE_WAIT: the FIN came
     server.step(timeout=5.0)  # does not wait: the turn is due at once
     assert not server.connections
     assert counting.registered == []
+
+
+def _state(local_port: int, remote_port: int) -> str | None:
+    """The TCP state (hex, as /proc/net/tcp shows it) of the IPv4 socket with these ports."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1][-4:], 16) == local_port and int(fields[2][-4:], 16) == remote_port:
+            return fields[3]
+    return None
 
 
 def test_a_client_that_stays_is_registered_and_answered_later(server_factory) -> None:
