@@ -87,7 +87,8 @@ def in_loop(
     one connection of `chosen` and closing once answered. Only Server.step is timed;
     every reply is checked."""
     log = logging.getLogger("procident")
-    handler = logging.StreamHandler(open(log_to, "a"))  # noqa: SIM115 (closed below)
+    stream = open(log_to, "a")  # noqa: SIM115 (closed below: a handler's close does not)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(TextFormatter(TEXT_FORMAT))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -119,6 +120,7 @@ def in_loop(
                 if len(answered) == len(clients):
                     break
             for client, (service, peer) in zip(clients, asked, strict=True):
+                client.settimeout(5.0)  # (bounded, should an answer never come)
                 reply = client.recv(600)
                 assert reply.startswith(b"%d,%d:USERID:" % (peer, service)), reply
                 client.close()
@@ -133,6 +135,7 @@ def in_loop(
         backend.close()
         log.removeHandler(handler)
         handler.close()
+        stream.close()
     return spent / (rounds * BATCH) * 1e6
 
 
