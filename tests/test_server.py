@@ -388,3 +388,27 @@ def test_a_connection_its_client_closed_does_not_count_against_the_cap(server_fa
         old = new
     old.close()
     assert server.metrics.refused["per_client_connections"] == 0
+
+
+def test_a_default_timeout_set_by_an_embedder_does_not_make_reads_wait(server_factory) -> None:
+    """A program that embeds the server may set socket.setdefaulttimeout; accepted sockets
+    take that timeout, under which each read would first wait for data. The server makes
+    them non-blocking, so a client that connects and says nothing costs the loop no wait:
+    the next client's query is answered in the same turn."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(5.0)
+    try:
+        server, _ = server_factory()
+        idle = connect(server)
+        asking = connect(server)
+        asking.send(b"1,1\r\n")
+        port = server.listeners[0].getsockname()[1]
+        wait_for(lambda: receive_queue(port, asking.getsockname()[1]), 5.0)
+        server.step(timeout=1.0)
+        assert received(asking) == b"1,1:ERROR:NO-USER\r\n"
+        assert server.connections == 2
+        assert [conn.sock.gettimeout() for conn in server.sessions] == [0.0, 0.0]
+        idle.close()
+        asking.close()
+    finally:
+        socket.setdefaulttimeout(previous)
