@@ -390,6 +390,65 @@ def test_pack_pairs_dump() -> None:
     assert data[16 + 60 :] == pairs_bytecode([(40001, 6667), (40002, 6697)])
 
 
+def test_one_pair_is_asked_for_in_the_request_not_in_bytecode() -> None:
+    """A dump for one port pair (a lone gateway query) puts the pair in the request's own
+    ports, in network order, and sends no bytecode; in both request types. A pair asked
+    twice is one pair; two pairs, or a port 0 (which the request would read as any
+    port), take the bytecode."""
+    from procident.lookup.netlink import (
+        pack_pairs_dump,
+        pack_states_dump,
+        pairs_bytecode,
+        pairs_filter,
+    )
+
+    for data in (
+        pack_pairs_dump([(40001, 6667), (40001, 6667)], 9),
+        pack_pairs_dump([(40001, 6667)], 9),
+    ):
+        assert len(data) == 16 + 60 and struct.unpack_from("=IH", data) == (76, 18)
+        assert struct.unpack_from("!HH", data, 16 + 4) == (40001, 6667)
+    data = pack_states_dump(socket.AF_INET6, 0b110, 4, *reversed(pairs_filter([(40001, 6667)])))
+    assert len(data) == 16 + 56 and struct.unpack_from("!HH", data, 16 + 8) == (40001, 6667)
+    two = pack_pairs_dump([(40001, 6667), (40002, 6667)], 9)
+    assert struct.unpack_from("!HH", two, 16 + 4) == (0, 0)
+    assert two[16 + 60 :] == pairs_bytecode([(40001, 6667), (40002, 6667)])
+    assert pairs_filter([(0, 6667)]) == ((0, 0), pairs_bytecode([(0, 6667)]))
+
+
+@pytest.mark.parametrize("one_walk", [True, False])
+def test_the_kernel_keeps_only_the_one_pair_asked_for(one_walk) -> None:
+    """On the live table, a lone search among twenty connections to one service port
+    finds its own connection, and the kernel sent back that socket alone (it honours
+    the request's ports, in both request types): the dump does not grow with the
+    connections around it."""
+    backend = NetlinkBackend()
+    backend.one_walk = one_walk
+    sent: list[int] = []
+    dumped = backend._dumped
+
+    def counting(request: bytes) -> list:
+        entries = dumped(request)
+        sent.append(len(entries))
+        return entries
+
+    backend._dumped = counting  # type: ignore[method-assign]
+    with contextlib.ExitStack() as stack:
+        service = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+        clients = [
+            stack.enter_context(socket.create_connection(service.getsockname())) for _ in range(20)
+        ]
+        for _ in clients:
+            stack.enter_context(service.accept()[0])
+        here = Endpoint(_v("127.0.0.1"), service.getsockname()[1])
+        for client in clients[::7]:
+            port = client.getsockname()[1]
+            (found,) = backend.find_any_remote(here, port)
+            assert (found.entry.local, found.entry.remote.port, found.inbound) == (here, port, True)
+        assert sent == [1, 1, 1] if one_walk else sent == [1, 0] * 3
+    backend.close()
+
+
 def test_unpack_dump_entries_done_and_errors() -> None:
     a = diag_msg(
         socket.AF_INET, 1, bytes([192, 0, 2, 1]), 40001, bytes([203, 0, 113, 5]), 6667, 1000, 77
