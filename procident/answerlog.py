@@ -105,7 +105,7 @@ def log_answer(
     if fast is not None:  # procident's own text log: the same line, without a LogRecord
         try:
             fast.write(
-                f"answer client={client} query={server_port},{client_port} owner={owner} "
+                f"answer client={_text(client)} query={server_port},{client_port} owner={owner} "
                 f"reply={reply} rule={rule}",
                 time.time(),
                 flush=not _HELD.holding,
@@ -136,6 +136,24 @@ def log_answer(
         rule,
         extra={"fields": fields},
     )
+
+
+# The text of each client address object, by its identity (the daemon's connections
+# share one object per address: lookup.endpoint_from_sockaddr): str() of an address is
+# about 1.5 us, once per answer line otherwise. Bounded: emptied when full.
+_TEXTS: dict[int, tuple[object, str]] = {}
+_TEXTS_SIZE = 4096
+
+
+def _text(address: object) -> str:
+    known = _TEXTS.get(id(address))
+    if known is not None and known[0] is address:
+        return known[1]
+    text = str(address)
+    if len(_TEXTS) >= _TEXTS_SIZE:
+        _TEXTS.clear()
+    _TEXTS[id(address)] = (address, text)  # (held: its id is not reused meanwhile)
+    return text
 
 
 class _Held:

@@ -160,3 +160,22 @@ def test_a_log_that_cannot_be_written_costs_no_answer(logger, capsys) -> None:
     answerlog.log_answer(child, *ANSWERS[1])
     answerlog.release_lines()  # no exception either
     assert "Logging error" in capsys.readouterr().err
+
+
+def test_each_line_names_its_own_client_among_many_passing_addresses(logger) -> None:
+    """The fast line keeps each client address's text by the address object: thousands
+    of addresses made and dropped one after another (their memory, and ids, reused;
+    past the bound, which empties the memo) and the same address in a new object are
+    each written as their own text."""
+    import ipaddress
+
+    child, stream, _ = logger
+    wanted = []
+    for n in range(answerlog._TEXTS_SIZE + 500):
+        address = ipaddress.ip_address(n) if n % 3 else ipaddress.IPv6Address(n << 64)
+        answerlog.log_answer(child, address, 1, 2, b"1,2:ERROR:NO-USER\r\n", "default")
+        wanted.append(str(address))
+        answerlog.log_answer(child, ipaddress.ip_address(str(address)), 1, 2, b"1,2:X\r\n", "d")
+        wanted.append(str(address))
+    got = re.findall(r" client=(\S+) ", stream.getvalue())
+    assert got == wanted
