@@ -8,8 +8,9 @@ N connections open (--sizes), it times procident's Responder answering Q such qu
 and Q normal ones about the same connections, each alone, and in batches of 50 (the
 gateway queries of one loop turn share one search: Responder.prepare), for the netlink
 and the procfs backend. Then the whole daemon's cost ("loop"): the CPU of an in-process
-Server (netlink, answers logged to a file) per query, in --turns turns of 50 clients
-that each connect, ask, read and close, from the gateway's address or the peer's.
+Server (netlink, answers logged to a file) per query, in turns of one client (alone)
+and in --turns turns of 50 clients, each of which connects, asks, reads and closes,
+from the gateway's address or the peer's.
 
     python3 bench/gateway_query.py [--sizes 100,10000] [--queries 2000] [--turns 60]
 
@@ -79,13 +80,18 @@ def timed(responder: Responder, asks: list[tuple[Query, ConnectionId]], batch: i
 
 
 def in_loop(
-    config: Config, chosen: list[tuple[int, int]], querier: str, rounds: int, log_to: str
+    config: Config,
+    chosen: list[tuple[int, int]],
+    querier: str,
+    rounds: int,
+    log_to: str,
+    per_turn: int = BATCH,
 ) -> float:
     """Microseconds of CPU per query in procident's own loop (an in-process Server, the
     netlink backend, the answer lines logged to a file by procident's text handler, as
-    the daemon does): `rounds` turns of BATCH clients from `querier`, each asking about
-    one connection of `chosen` and closing once answered. Only Server.step is timed;
-    every reply is checked."""
+    the daemon does): `rounds` turns of `per_turn` clients from `querier`, each asking
+    about one connection of `chosen` and closing once answered. Only Server.step is
+    timed; every reply is checked."""
     log = logging.getLogger("procident")
     stream = open(log_to, "a")  # noqa: SIM115 (closed below: a handler's close does not)
     handler = logging.StreamHandler(stream)
@@ -100,7 +106,7 @@ def in_loop(
     try:
         for turn in range(rounds):
             clients = []
-            asked = [chosen[(turn * BATCH + i) % len(chosen)] for i in range(BATCH)]
+            asked = [chosen[(turn * per_turn + i) % len(chosen)] for i in range(per_turn)]
             for service, peer in asked:
                 client = socket.socket()
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
@@ -136,7 +142,7 @@ def in_loop(
         log.removeHandler(handler)
         handler.close()
         stream.close()
-    return spent / (rounds * BATCH) * 1e6
+    return spent / (rounds * per_turn) * 1e6
 
 
 def main() -> None:
@@ -198,9 +204,16 @@ def main() -> None:
             loop_config = replace(config, limits=UNLIMITED)
             with tempfile.TemporaryDirectory() as workdir:
                 log_to = os.path.join(workdir, "answers.log")
-                a = in_loop(loop_config, chosen, str(HERE), args.turns, log_to)
-                b = in_loop(loop_config, chosen, str(GATEWAY), args.turns, log_to)
-            print(f"{n:>6} {'loop':<8} {a:>10.1f} {b:>11.1f} {b / a:>6.1f}  {'50/turn':<8}")
+                for per_turn in (1, BATCH):
+                    # As many queries either way: alone, BATCH times the turns.
+                    turns = args.turns * BATCH // per_turn
+                    a = in_loop(loop_config, chosen, str(HERE), turns, log_to, per_turn)
+                    b = in_loop(loop_config, chosen, str(GATEWAY), turns, log_to, per_turn)
+                    shown = "alone" if per_turn == 1 else f"{per_turn}/turn"
+                    print(
+                        f"{n:>6} {'loop':<8} {a:>10.1f} {b:>11.1f} {b / a:>6.1f}  {shown:<8}",
+                        flush=True,
+                    )
         finally:
             for sock in held:
                 sock.close()

@@ -17,9 +17,13 @@ the count of wrong answers; then the ratios the targets speak of, and the
 RSS of each daemon holding 2,000 idle connections.
 
 The servers: procident with the netlink and the procfs backend (started as
-root, dropping to nobody, logging at warning), a constant-reply server on
-procident's own selectors loop (the ceiling of the loop and of this load
-generator together), and oidentd when installed (apt-get install oidentd).
+root, dropping to nobody, logging a line per answer to a file, as by default:
+--log-level), a constant-reply server on procident's own selectors loop (the
+ceiling of the loop and of this load generator together), two servers without
+procident's code: "minimal python" (a selectors loop sending one fixed reply) and
+"floor python" (that loop, plus a real sock_diag lookup, the owner's name and a
+log line per query: the least any Python ident server that answers truly can
+cost), and oidentd when installed (apt-get install oidentd).
 Servers run on CPU 0, the load generator on CPU 1. Run as root:
 
     python3 bench/ident_load.py [--sizes 100,1000,10000] [--queries 10000] [--concurrency 50]
@@ -244,6 +248,13 @@ def minimal_server() -> Server:
     return start_server("minimal python", args, port, checks_answers=False)
 
 
+def floor_server(workdir: str) -> Server:
+    port = free_port()
+    args = [sys.executable, os.path.abspath(__file__), "--floor-server", str(port)]
+    args.append(os.path.join(workdir, "floor.log"))
+    return start_server("floor python", args, port)
+
+
 def oidentd_server() -> Server | None:
     if shutil.which("oidentd") is None:
         return None
@@ -289,6 +300,88 @@ def run_minimal_server(port: int) -> None:
             loop.unregister(sock)
             del buffers[sock]
             sock.close()
+
+
+def run_floor_server(port: int, log_path: str) -> None:
+    """The least a Python ident server that answers with the real owner and logs can do,
+    without procident's code: run_minimal_server's loop, plus for each query the port
+    pair parsed, one sock_diag exact lookup (a request and its answer), the owner's name
+    (getpwuid, cached) and one log line, written to a file and flushed once per turn. No
+    policy, no listener check, no limits, no timeouts, no escaping: a floor, not a
+    daemon."""
+    import pwd
+
+    listener = socket.create_server(("127.0.0.1", port), backlog=4096)
+    listener.setblocking(False)
+    here = socket.inet_aton("127.0.0.1")
+    diag = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4)  # NETLINK_SOCK_DIAG
+    names: dict[int, str] = {}
+    loop = selectors.DefaultSelector()
+    loop.register(listener, selectors.EVENT_READ)
+    buffers: dict[socket.socket, bytes] = {}
+    seq = 0
+    log = open(log_path, "a")  # noqa: SIM115 (open while the server runs)
+
+    def answer(line: bytes, peer: bytes, client: str) -> bytes:
+        nonlocal seq
+        try:
+            local_port, remote_port = (int(part) for part in line.split(b",", 1))
+        except ValueError:
+            return line + b":ERROR:INVALID-PORT\r\n"
+        seq += 1
+        diag.send(  # nlmsghdr (SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST), inet_diag_req_v2
+            struct.pack("=IHHII", 16 + 56, 20, 1, seq, 0)
+            + struct.pack("=BBBBI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
+            + struct.pack("!HH16s16s", local_port, remote_port, here, peer)
+            + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)
+        )
+        data = diag.recv(65536)
+        pair = b"%d,%d" % (local_port, remote_port)
+        if struct.unpack_from("=H", data, 4)[0] != 20:  # an error: no such socket
+            reply = b"ERROR:NO-USER"
+        else:
+            uid = struct.unpack_from("=I", data, 16 + 64)[0]  # inet_diag_msg's idiag_uid
+            name = names.get(uid)
+            if name is None:
+                name = names[uid] = pwd.getpwuid(uid).pw_name
+            reply = b"USERID:UNIX:" + name.encode()
+        log.write(
+            f"{time.time():.3f} INFO answer client={client} query={pair.decode()} reply={reply.decode()}\n"
+        )
+        return pair + b":" + reply + b"\r\n"
+
+    peers: dict[socket.socket, str] = {}
+    while True:
+        for key, _ in loop.select():
+            sock = cast(socket.socket, key.fileobj)
+            if sock is listener:
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        client, (address, _) = listener.accept()
+                        client.setblocking(False)
+                        loop.register(client, selectors.EVENT_READ)
+                        buffers[client] = b""
+                        peers[client] = address
+                continue
+            try:
+                data = sock.recv(1024)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            held = buffers[sock] + data
+            if data and b"\n" not in held:
+                buffers[sock] = held[:1024]
+                continue
+            address = peers.pop(sock)
+            if data:
+                line = held.split(b"\n", 1)[0].strip().replace(b" ", b"")
+                with contextlib.suppress(OSError):
+                    sock.send(answer(line, socket.inet_aton(address), address))
+            loop.unregister(sock)
+            del buffers[sock]
+            sock.close()
+        log.flush()
 
 
 def run_constant_server(port: int) -> None:
@@ -500,7 +593,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--servers",
-        default="netlink,procfs,constant,minimal,oidentd",
+        default="netlink,procfs,constant,minimal,floor,oidentd",
         help="which servers to measure (comma-separated)",
     )
     parser.add_argument(
@@ -508,12 +601,16 @@ def main() -> None:
     )
     parser.add_argument("--constant-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--minimal-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--floor-server", nargs=2, metavar=("PORT", "LOG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.constant_server:
         run_constant_server(args.constant_server)
         return
     if args.minimal_server:
         run_minimal_server(args.minimal_server)
+        return
+    if args.floor_server:
+        run_floor_server(int(args.floor_server[0]), args.floor_server[1])
         return
     if os.geteuid() != 0:
         raise SystemExit("run as root: the connections are owned by other accounts")
@@ -594,6 +691,7 @@ def measure_size(
             "procfs": lambda: procident_server("procfs", workdir),
             "constant": constant_server,
             "minimal": minimal_server,
+            "floor": lambda: floor_server(workdir),
             "oidentd": oidentd_server,
         }
         starters = [every[name] for name in args.servers.split(",")]
@@ -622,8 +720,9 @@ def report(results: dict[tuple[int, str, str], Result], sizes: list[int]) -> Non
     """The ratios the targets speak of, each between two measurements of this run."""
     small, large = min(sizes), max(sizes)
     middle = 1000 if 1000 in sizes else large
-    netlink, procfs, constant, minimal, oidentd = (
-        "procident netlink", "procident procfs", "constant reply", "minimal python", "oidentd"
+    netlink, procfs, constant, minimal, floor, oidentd = (
+        "procident netlink", "procident procfs", "constant reply", "minimal python",
+        "floor python", "oidentd",
     )  # fmt: skip
     comparisons = [
         ((large, netlink, "live"), (large, oidentd, "live")),
@@ -631,6 +730,7 @@ def report(results: dict[tuple[int, str, str], Result], sizes: list[int]) -> Non
         ((large, netlink, "live"), (small, netlink, "live")),
         ((large, netlink, "live"), (large, minimal, "live")),
         ((large, netlink, "live"), (large, constant, "live")),
+        ((large, netlink, "live"), (large, floor, "live")),
         ((middle, procfs, "live"), (middle, oidentd, "live")),
     ]
     print("\nratios of throughput, each within this run:")
@@ -640,6 +740,13 @@ def report(results: dict[tuple[int, str, str], Result], sizes: list[int]) -> Non
             print(f"  {results[a].throughput / results[b].throughput:7.3f}x  {what}")
         else:
             print(f"      n/a  {what}")
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = [
+        f"{name} {result.cpu_ticks / ticks / max(result.answered, 1) * 1e6:.0f}"
+        for name in (netlink, constant, floor, minimal, oidentd)
+        if (result := results.get((large, name, "live"))) is not None
+    ]
+    print(f"  CPU per query, N={large}, live, in us: {', '.join(cpu)}")
     a, b = (large, netlink, "live"), (large, oidentd, "live")
     if a in results and b in results:
         print(
