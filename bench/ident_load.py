@@ -305,10 +305,11 @@ def run_minimal_server(port: int) -> None:
 def run_floor_server(port: int, log_path: str) -> None:
     """The least a Python ident server that answers with the real owner and logs can do,
     without procident's code: run_minimal_server's loop, plus for each query the port
-    pair parsed, one sock_diag exact lookup (a request and its answer), the owner's name
-    (getpwuid, cached) and one log line, written to a file and flushed once per turn. No
-    policy, no listener check, no limits, no timeouts, no escaping: a floor, not a
-    daemon."""
+    pair parsed, one sock_diag exact lookup (a request and its answer; a listener in
+    the answer means no such connection), the owner's name (getpwuid, cached) and one
+    log line, written to a file and flushed once per turn. No policy, no inbound check
+    (is the local port a listening service's?), no limits, no timeouts, no escaping: a
+    floor, not a daemon."""
     import pwd
 
     listener = socket.create_server(("127.0.0.1", port), backlog=4096)
@@ -337,7 +338,9 @@ def run_floor_server(port: int, log_path: str) -> None:
         )
         data = diag.recv(65536)
         pair = b"%d,%d" % (local_port, remote_port)
-        if struct.unpack_from("=H", data, 4)[0] != 20:  # an error: no such socket
+        # An error (no such socket), or a listener: the kernel answers with the listener
+        # on the local port when there is no such connection.
+        if struct.unpack_from("=H", data, 4)[0] != 20 or data[16 + 1] == 10:  # TCP_LISTEN
             reply = b"ERROR:NO-USER"
         else:
             uid = struct.unpack_from("=I", data, 16 + 64)[0]  # inet_diag_msg's idiag_uid
