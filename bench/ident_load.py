@@ -53,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -267,21 +268,31 @@ def oidentd_server() -> Server | None:
 def run_minimal_server(port: int) -> None:
     """The least a Python ident server can do, without procident's code: a selectors
     loop that reads a line and sends one fixed reply (the floor of Python itself)."""
+    serve_lines(port, lambda line, client: line + b":USERID:OTHER:constant\r\n")
+
+
+def serve_lines(
+    port: int,
+    answer: Callable[[bytes, str], bytes],
+    after_turn: Callable[[], None] = lambda: None,
+) -> None:
+    """The bench's own servers' loop, without procident's code: accept, read a line,
+    send answer(the line without spaces, the client's address), close."""
     listener = socket.create_server(("127.0.0.1", port), backlog=4096)
     listener.setblocking(False)
     loop = selectors.DefaultSelector()
     loop.register(listener, selectors.EVENT_READ)
-    buffers: dict[socket.socket, bytes] = {}
+    buffers: dict[socket.socket, tuple[bytes, str]] = {}
     while True:
         for key, _ in loop.select():
             sock = cast(socket.socket, key.fileobj)
             if sock is listener:
                 with contextlib.suppress(BlockingIOError):
                     while True:
-                        client, _ = listener.accept()
+                        client, (address, _) = listener.accept()
                         client.setblocking(False)
                         loop.register(client, selectors.EVENT_READ)
-                        buffers[client] = b""
+                        buffers[client] = (b"", address)
                 continue
             try:
                 data = sock.recv(1024)
@@ -289,41 +300,38 @@ def run_minimal_server(port: int) -> None:
                 continue
             except OSError:
                 data = b""
-            held = buffers[sock] + data
+            before, address = buffers[sock]
+            held = before + data
             if data and b"\n" not in held:
-                buffers[sock] = held[:1024]
+                buffers[sock] = (held[:1024], address)
                 continue
             if data:
-                ports = held.split(b"\n", 1)[0].strip().replace(b" ", b"")
+                line = held.split(b"\n", 1)[0].strip().replace(b" ", b"")
                 with contextlib.suppress(OSError):
-                    sock.send(ports + b":USERID:OTHER:constant\r\n")
+                    sock.send(answer(line, address))
             loop.unregister(sock)
             del buffers[sock]
             sock.close()
+        after_turn()
 
 
 def run_floor_server(port: int, log_path: str) -> None:
     """The least a Python ident server that answers with the real owner and logs can do,
-    without procident's code: run_minimal_server's loop, plus for each query the port
-    pair parsed, one sock_diag exact lookup (a request and its answer; a listener in
-    the answer means no such connection), the owner's name (getpwuid, cached) and one
-    log line, written to a file and flushed once per turn. No policy, no inbound check
+    without procident's code: serve_lines's loop, plus for each query the port pair
+    parsed, one sock_diag exact lookup (a request and its answer; a listener in the
+    answer means no such connection), the owner's name (getpwuid, cached) and one log
+    line, written to a file and flushed once per turn. No policy, no inbound check
     (is the local port a listening service's?), no limits, no timeouts, no escaping: a
     floor, not a daemon."""
     import pwd
 
-    listener = socket.create_server(("127.0.0.1", port), backlog=4096)
-    listener.setblocking(False)
     here = socket.inet_aton("127.0.0.1")
     diag = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4)  # NETLINK_SOCK_DIAG
     names: dict[int, str] = {}
-    loop = selectors.DefaultSelector()
-    loop.register(listener, selectors.EVENT_READ)
-    buffers: dict[socket.socket, bytes] = {}
     seq = 0
     log = open(log_path, "a")  # noqa: SIM115 (open while the server runs)
 
-    def answer(line: bytes, peer: bytes, client: str) -> bytes:
+    def answer(line: bytes, client: str) -> bytes:
         nonlocal seq
         try:
             local_port, remote_port = (int(part) for part in line.split(b",", 1))
@@ -333,7 +341,7 @@ def run_floor_server(port: int, log_path: str) -> None:
         diag.send(  # nlmsghdr (SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST), inet_diag_req_v2
             struct.pack("=IHHII", 16 + 56, 20, 1, seq, 0)
             + struct.pack("=BBBBI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
-            + struct.pack("!HH16s16s", local_port, remote_port, here, peer)
+            + struct.pack("!HH16s16s", local_port, remote_port, here, socket.inet_aton(client))
             + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)
         )
         data = diag.recv(65536)
@@ -349,42 +357,12 @@ def run_floor_server(port: int, log_path: str) -> None:
                 name = names[uid] = pwd.getpwuid(uid).pw_name
             reply = b"USERID:UNIX:" + name.encode()
         log.write(
-            f"{time.time():.3f} INFO answer client={client} query={pair.decode()} reply={reply.decode()}\n"
+            f"{time.time():.3f} INFO answer client={client} query={pair.decode()} "
+            f"reply={reply.decode()}\n"
         )
         return pair + b":" + reply + b"\r\n"
 
-    peers: dict[socket.socket, str] = {}
-    while True:
-        for key, _ in loop.select():
-            sock = cast(socket.socket, key.fileobj)
-            if sock is listener:
-                with contextlib.suppress(BlockingIOError):
-                    while True:
-                        client, (address, _) = listener.accept()
-                        client.setblocking(False)
-                        loop.register(client, selectors.EVENT_READ)
-                        buffers[client] = b""
-                        peers[client] = address
-                continue
-            try:
-                data = sock.recv(1024)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                data = b""
-            held = buffers[sock] + data
-            if data and b"\n" not in held:
-                buffers[sock] = held[:1024]
-                continue
-            address = peers.pop(sock)
-            if data:
-                line = held.split(b"\n", 1)[0].strip().replace(b" ", b"")
-                with contextlib.suppress(OSError):
-                    sock.send(answer(line, socket.inet_aton(address), address))
-            loop.unregister(sock)
-            del buffers[sock]
-            sock.close()
-        log.flush()
+    serve_lines(port, answer, log.flush)
 
 
 def run_constant_server(port: int) -> None:
