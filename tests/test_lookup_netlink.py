@@ -481,12 +481,16 @@ def _seen(found):
 
 
 @requires_root
-def test_find_any_remote_agrees_with_procfs_and_is_shared_in_a_batch() -> None:
+@pytest.mark.parametrize("one_walk", [True, False])
+def test_find_any_remote_agrees_with_procfs_and_is_shared_in_a_batch(one_walk) -> None:
     """On the live table: connections of one local end to one remote port from several
     addresses (IPv4, and a dual-stack socket speaking IPv4) are found by netlink as by
     /proc, owned ones first, listeners left out; another remote port finds nothing.
-    In a batch, a second query about the same pair shares the first one's dump."""
+    In a batch, a second query about the same pair shares the first one's dump. Each
+    search is of one pair (its ports in the request), in either mode: one walk, or a
+    dump per family."""
     backend = NetlinkBackend()
+    backend.one_walk = one_walk
     with contextlib.ExitStack() as stack:
         made = [
             stack.enter_context(owned_connection(1, ("127.0.0.1", 0), "127.0.0.2")),

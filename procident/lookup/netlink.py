@@ -430,8 +430,9 @@ class NetlinkBackend:
         """In a batch: search for the connections of every (local end, remote port) of
         `asks` at once, MAX_PAIRS port pairs to a dump, so that the find_any_remote
         calls of the batch that follow share one walk of the kernel's table (it walks
-        all of it for any dump, however narrow the filter: about a millisecond on a
-        host of 262,144 hash buckets). LookupFailed as find_any_remote."""
+        all of it for any dump, however narrow the filter: on a host of 262,144 hash
+        buckets, 0.1 to 0.3 ms with 100 connections open, 0.7 with 5,000).
+        LookupFailed as find_any_remote."""
         dumps = self._dumps
         if dumps is None:
             return
